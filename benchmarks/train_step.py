@@ -1,0 +1,96 @@
+"""Time one VideoLights training step (forward + criterion + backward + clip + AdamW) on CPU.
+
+    python -m benchmarks.train_step --preset paper --batch-size 32 --clips 75 \
+        --query-tokens 32 --steps 10 --warmup 2 --threads 2
+
+Prints one JSON line. The batch is synthetic with the reference benchmark's statistics
+(VIDEOLIGHTS_SPEC section 7), so the figures compare with the reference's 2.45 s (2 threads) /
+3.4-3.8 s (1 thread) and ~2.7 GB peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import time
+
+import torch
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="paper", help="config preset (paper, reference_script)")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--clips", type=int, default=75)
+    ap.add_argument("--query-tokens", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast for the forward pass")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override, e.g. model.negative_pass=false")
+    args = ap.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(2018)
+    from vl.config import FEATURE_DIMS, TEXT_FEATURE_DIMS, ExperimentConfig
+    from vl.data.random_batch import random_batch
+    from vl.engine import build_optimizer, forward
+    from vl.losses import build_criterion
+    from vl.model import build_model
+
+    cfg = ExperimentConfig.from_preset(args.preset, args.set)
+    model = build_model(cfg.model)
+    criterion = build_criterion(cfg.loss)
+    optimizer, _ = build_optimizer(model, cfg.train)
+    batch = random_batch(
+        args.batch_size, args.clips, args.query_tokens,
+        [FEATURE_DIMS[n] for n in cfg.data.video_features],
+        [TEXT_FEATURE_DIMS[n] for n in cfg.data.text_features],
+    )
+    model.train()
+    fwd, crit, bwd, opt, total, cpu = [], [], [], [], [], []
+    for i in range(args.warmup + args.steps):
+        c0 = time.process_time()
+        t0 = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            out = forward(model, batch)
+        t1 = time.perf_counter()
+        losses = criterion(out, batch, epoch=0)
+        t2 = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        t3 = time.perf_counter()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        optimizer.step()
+        t4 = time.perf_counter()
+        if i >= args.warmup:
+            fwd.append(t1 - t0)
+            crit.append(t2 - t1)
+            bwd.append(t3 - t2)
+            opt.append(t4 - t3)
+            total.append(t4 - t0)
+            cpu.append(time.process_time() - c0)
+    med = statistics.median
+    print(json.dumps({
+        "preset": args.preset,
+        "params": sum(p.numel() for p in model.parameters()),
+        "batch_size": args.batch_size, "clips": args.clips, "query_tokens": args.query_tokens,
+        "threads": args.threads, "bf16": args.bf16, "overrides": args.set,
+        "median_step_s": round(med(total), 4),
+        "forward_s": round(med(fwd), 4),
+        "criterion_s": round(med(crit), 4),
+        "backward_s": round(med(bwd), 4),
+        "clip_adamw_s": round(med(opt), 4),
+        "cpu_step_s": round(med(cpu), 4),  # process CPU time: robust to a busy machine
+        "samples_per_s": round(args.batch_size / med(total), 2),
+        "last_loss": round(float(losses["loss"].detach()), 4),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,399 @@
+"""Typed experiment configuration: dataclasses, YAML in, dotted overrides, validated.
+
+Why dataclasses and not dicts: a config value travels as a typed field from the YAML file to
+the code that uses it, so a typo is an error at load time (naming the key and the file), not a
+silently ignored dict key three layers down.
+
+A YAML file may name a preset (`preset: tiny`) and then override any section:
+
+    preset: tiny
+    model: {bicmf_layers: 1}
+    train: {epochs: 20}
+
+Overrides from the command line use dotted keys: `model.bicmf_layers=1`, `loss.hl_coef=5`,
+`data.video_features=[slowfast,clip]` (values are parsed as YAML scalars / flow lists).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+FEATURE_DIMS: dict[str, int] = {"slowfast": 2304, "clip": 512, "blip": 768, "i3d": 2048}
+TEXT_FEATURE_DIMS: dict[str, int] = {"clip": 512, "blip": 768}
+DATASETS = ("qvhighlights", "charades", "tvsum", "pretrain")
+TVSUM_DOMAINS = ("BK", "BT", "DS", "FM", "GA", "MS", "PK", "PR", "VT", "VU")
+TEF_DIMS = 2  # temporal endpoint features (i/L, (i+1)/L) appended to every clip
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, mistyped or impossible; the message says where."""
+
+
+@dataclass
+class ModelConfig:
+    """Sizes and switches of the VideoLights network (VIDEOLIGHTS_SPEC section 2, 6c)."""
+
+    hidden_dim: int = 256
+    nheads: int = 8
+    bicmf_layers: int = 2
+    enc_layers: int = 3
+    dec_layers: int = 3
+    num_queries: int = 10
+    dim_feedforward: int = 1024
+    dropout: float = 0.1
+    attention_dropout: float = 0.1  # on attention weights (forces SDPA's unfused path on CPU)
+    input_dropout: float = 0.5
+    n_input_proj: int = 2
+    proj_kernel_size: int = 1
+    video_dim: int = 3584  # sum of the video feature sets, without the 2 TEF dims
+    text_dim: int = 1280
+    max_q_l: int = 32  # size of the learned text position table used by Bi-CMF
+    contrastive_dim: int = 64
+    span_nce: bool = False  # Moment-DETR span-token NCE: an optional extra, off (6c.4)
+    mr2hd: bool = True  # Uni-JFM MR->HD GRU branch
+    negative_pass: bool = True  # mismatched-query pass for the negative saliency
+
+    @property
+    def video_input_dim(self) -> int:
+        return self.video_dim + TEF_DIMS
+
+
+@dataclass
+class LossConfig:
+    """Loss weights; names follow the paper's coefficient names (spec 3.5)."""
+
+    span_coef: float = 10.0
+    giou_coef: float = 1.0
+    label_coef: float = 4.0
+    eos_coef: float = 0.1
+    cost_span: float = 10.0
+    cost_giou: float = 1.0
+    cost_class: float = 4.0
+    aux_loss: bool = True
+    saliency_coef: float = 1.0  # lambda_sal
+    margin: float = 0.2
+    rank_temperature: float = 0.5
+    al_coef: float = 0.1  # symmetric alignment L_sym
+    scsl_coef: float = 1.0  # saliency cosine L_ts
+    tcl_coef: float = 1.0  # task-coupled L_tc (MR->HD)
+    hl_coef: float = 10.0  # hard positive / hard negative, W_j = (epoch + 1) * hl_coef
+    hl_cap: float | None = None  # optional cap on W_j (the reference has none)
+    span_nce_coef: float = 0.2
+    nce_temperature: float = 0.07
+
+
+@dataclass
+class DataConfig:
+    """What to read and how to batch it."""
+
+    dataset: str = "qvhighlights"
+    train: str = ""  # shard URI (local path or s3://) of the training split
+    val: str = ""  # shard URI of the evaluation split
+    video_features: list[str] = field(default_factory=lambda: ["slowfast", "clip", "blip"])
+    text_features: list[str] = field(default_factory=lambda: ["clip", "blip"])
+    max_v_l: int = 75
+    max_q_l: int = 32
+    clip_len: float = 2.0
+    max_windows: int = 5
+    batch_size: int = 32
+    eval_batch_size: int = 100
+    num_workers: int = 0
+    shuffle_buffer: int = 1024
+    tvsum_domain: str = ""
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, evaluation cadence and the Ray Train settings."""
+
+    epochs: int = 200
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    lr_drop: int = 400
+    lr_gamma: float = 0.1
+    grad_clip: float = 0.1
+    seed: int = 2018
+    bf16: bool = False
+    eval_every: int = 5
+    selection_metric: str = ""  # empty: the dataset's default (EVAL_SPEC section 5)
+    num_workers: int = 2  # Ray Train workers
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    keep_checkpoints: int = 2
+    max_failures: int = 2
+    fail_at_step: int = -1  # fault injection for tests: rank 1 exits once at this global step
+    log_every: int = 0  # steps between progress lines inside an epoch; 0 = per epoch only
+
+
+@dataclass
+class ExperimentConfig:
+    """Everything one run needs. `source` records where it came from (for error messages)."""
+
+    name: str = "videolights"
+    preset: str = "paper"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    # ---- construction -------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "<dict>") -> ExperimentConfig:
+        """Build from a nested dict (a preset first, then the dict on top), then validate."""
+        if not isinstance(raw, dict):
+            kind = type(raw).__name__
+            raise ConfigError(f"{source}: the top level must be a mapping, got {kind}")
+        preset_name = raw.get("preset", "paper")
+        if preset_name not in PRESETS:
+            raise ConfigError(
+                f"{source}: key 'preset': unknown preset {preset_name!r}; "
+                f"choose one of {sorted(PRESETS)}"
+            )
+        merged = _deep_merge(copy.deepcopy(PRESETS[preset_name]), raw)
+        merged["preset"] = preset_name
+        cfg = _build(cls, merged, source, prefix="")
+        cfg.validate(source)
+        return cfg
+
+    @classmethod
+    def from_yaml(
+        cls, path: str | Path, overrides: list[str] | None = None
+    ) -> ExperimentConfig:
+        """Load a YAML file and apply dotted `key=value` overrides on top."""
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read config file ({exc.strerror})") from exc
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        raw = apply_overrides(raw, overrides or [], source=str(path))
+        return cls.from_dict(raw, source=str(path))
+
+    @classmethod
+    def from_preset(cls, name: str, overrides: list[str] | None = None) -> ExperimentConfig:
+        raw = apply_overrides({"preset": name}, overrides or [], source=f"preset {name}")
+        return cls.from_dict(raw, source=f"preset {name}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    # ---- validation ---------------------------------------------------------------------
+    def validate(self, source: str = "<config>") -> None:
+        """Reject impossible combinations with a message naming the key and the source."""
+        m, d, t, lo = self.model, self.data, self.train, self.loss
+
+        def bad(key: str, why: str) -> ConfigError:
+            return ConfigError(f"{source}: key '{key}': {why}")
+
+        if m.hidden_dim % m.nheads != 0:
+            raise bad(
+                "model.hidden_dim",
+                f"{m.hidden_dim} is not divisible by model.nheads={m.nheads}",
+            )
+        if m.hidden_dim % 2 != 0:
+            raise bad("model.hidden_dim", "must be even (sine position embeddings)")
+        for key in ("hidden_dim", "nheads", "num_queries", "dim_feedforward", "n_input_proj",
+                    "video_dim", "text_dim", "max_q_l", "contrastive_dim", "enc_layers",
+                    "dec_layers"):
+            if getattr(m, key) < 1:
+                raise bad(f"model.{key}", f"must be >= 1, got {getattr(m, key)}")
+        if m.bicmf_layers < 0:
+            raise bad("model.bicmf_layers", f"must be >= 0, got {m.bicmf_layers}")
+        if m.proj_kernel_size < 1 or m.proj_kernel_size % 2 == 0:
+            raise bad("model.proj_kernel_size", "must be a positive odd number")
+        for key in ("dropout", "attention_dropout", "input_dropout"):
+            if not 0.0 <= getattr(m, key) < 1.0:
+                raise bad(f"model.{key}", f"must be in [0, 1), got {getattr(m, key)}")
+        if d.dataset not in DATASETS:
+            raise bad("data.dataset", f"unknown dataset {d.dataset!r}; choose one of {DATASETS}")
+        for name in d.video_features:
+            if name not in FEATURE_DIMS:
+                raise bad("data.video_features", f"unknown feature set {name!r}; "
+                          f"choose from {sorted(FEATURE_DIMS)}")
+        for name in d.text_features:
+            if name not in TEXT_FEATURE_DIMS:
+                raise bad("data.text_features", f"unknown text feature set {name!r}; "
+                          f"choose from {sorted(TEXT_FEATURE_DIMS)}")
+        if d.dataset == "tvsum" and d.tvsum_domain and d.tvsum_domain not in TVSUM_DOMAINS:
+            raise bad("data.tvsum_domain", f"{d.tvsum_domain!r} is not one of {TVSUM_DOMAINS}")
+        if d.max_q_l > m.max_q_l:
+            raise bad("data.max_q_l", f"{d.max_q_l} exceeds model.max_q_l={m.max_q_l}")
+        for key in ("max_v_l", "max_q_l", "batch_size", "eval_batch_size", "max_windows"):
+            if getattr(d, key) < 1:
+                raise bad(f"data.{key}", f"must be >= 1, got {getattr(d, key)}")
+        if d.clip_len <= 0:
+            raise bad("data.clip_len", f"must be > 0, got {d.clip_len}")
+        if t.epochs < 1:
+            raise bad("train.epochs", f"must be >= 1, got {t.epochs}")
+        if t.lr <= 0:
+            raise bad("train.lr", f"must be > 0, got {t.lr}")
+        if t.eval_every < 1:
+            raise bad("train.eval_every", f"must be >= 1, got {t.eval_every}")
+        if t.num_workers < 1:
+            raise bad("train.num_workers", f"must be >= 1, got {t.num_workers}")
+        if t.grad_clip < 0:
+            raise bad("train.grad_clip", f"must be >= 0 (0 disables), got {t.grad_clip}")
+        for key in ("span_coef", "giou_coef", "label_coef", "al_coef", "scsl_coef", "tcl_coef",
+                    "hl_coef", "saliency_coef"):
+            if getattr(lo, key) < 0:
+                raise bad(f"loss.{key}", f"must be >= 0, got {getattr(lo, key)}")
+        if not 0 < lo.eos_coef <= 1:
+            raise bad("loss.eos_coef", f"must be in (0, 1], got {lo.eos_coef}")
+
+
+# ---- presets ----------------------------------------------------------------------------
+def _feature_dims(video: list[str], text: list[str]) -> dict[str, Any]:
+    return {
+        "model": {
+            "video_dim": sum(FEATURE_DIMS[n] for n in video),
+            "text_dim": sum(TEXT_FEATURE_DIMS[n] for n in text),
+        },
+        "data": {"video_features": list(video), "text_features": list(text)},
+    }
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """Recursively merge `top` into `base` (mutates and returns base)."""
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _deep_merge(base[key], value)
+        else:
+            base[key] = copy.deepcopy(value)
+    return base
+
+
+def _preset(*parts: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for part in parts:
+        _deep_merge(out, part)
+    return out
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Section 6b: what the paper states (2 Bi-CMF, SF+CLIP+BLIP video / CLIP+BLIP text).
+    "paper": _preset(
+        {"model": {"bicmf_layers": 2}},
+        _feature_dims(["slowfast", "clip", "blip"], ["clip", "blip"]),
+    ),
+    # What every reference launch script actually runs (spec section 6, items 1-2).
+    "reference_script": _preset(
+        {"model": {"bicmf_layers": 1}},
+        _feature_dims(["slowfast", "clip"], ["clip"]),
+    ),
+    # Small enough for unit tests: seconds per step on a laptop core.
+    "tiny": _preset(
+        {
+            "model": {
+                "hidden_dim": 32, "nheads": 4, "bicmf_layers": 1, "enc_layers": 1,
+                "dec_layers": 2, "num_queries": 5, "dim_feedforward": 64,
+                "video_dim": 48, "text_dim": 24, "max_q_l": 16, "contrastive_dim": 16,
+                "input_dropout": 0.1,
+            },
+            "data": {"video_features": ["slowfast", "clip"], "text_features": ["clip"],
+                     "max_v_l": 24, "max_q_l": 16, "batch_size": 4, "eval_batch_size": 8},
+            "train": {"epochs": 2, "num_workers": 1, "eval_every": 1},
+        },
+    ),
+}
+
+
+# ---- typed building ---------------------------------------------------------------------
+def _build(cls: type, raw: dict[str, Any], source: str, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f"{source}: key '{prefix.rstrip('.') or '<root>'}': expected a mapping, "
+            f"got {type(raw).__name__}"
+        )
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in known:
+            hint = _closest(key, known)
+            raise ConfigError(
+                f"{source}: unknown key '{prefix}{key}'"
+                + (f" (did you mean '{prefix}{hint}'?)" if hint else "")
+                + f"; valid keys here: {sorted(known)}"
+            )
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in raw:
+            continue
+        kwargs[f.name] = _coerce(raw[f.name], hints[f.name], source, f"{prefix}{f.name}")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, tp: Any, source: str, key: str) -> Any:
+    """Check `value` against the annotation `tp`, converting only where lossless."""
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, source, prefix=f"{key}.")
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], source, key)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: key '{key}': expected a list, got {value!r}")
+        return [_coerce(v, args[0], source, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{source}: key '{key}': expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{source}: key '{key}': expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{source}: key '{key}': expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{source}: key '{key}': expected a string, got {value!r}")
+    return value
+
+
+def _closest(key: str, known: set[str]) -> str | None:
+    import difflib
+
+    match = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+    return match[0] if match else None
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str], source: str) -> dict[str, Any]:
+    """Apply `a.b=value` strings onto a nested dict (values parsed as YAML)."""
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. model.bicmf_layers=1")
+        key, _, text = item.partition("=")
+        key = key.strip()
+        if not key:
+            raise ConfigError(f"override {item!r}: empty key")
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({exc})") from exc
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: '{part}' is not a section")
+            node = child
+        node[parts[-1]] = value
+    return raw

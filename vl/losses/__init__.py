@@ -1,0 +1,6 @@
+"""Matching, span geometry and every VideoLights loss term."""
+
+from vl.losses.criterion import SetCriterion, build_criterion
+from vl.losses.matcher import HungarianMatcher
+
+__all__ = ["HungarianMatcher", "SetCriterion", "build_criterion"]

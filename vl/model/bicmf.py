@@ -1,0 +1,85 @@
+"""Bi-Directional Cross-Modal Fusion (Bi-CMF, the paper's Algorithm 2)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from vl.model.layers import Attention, Dropout, FeedForward
+
+
+class BiCMFLayer(nn.Module):
+    """One Bi-CMF layer: video->text, text->video, fusion, self-attention, FFN.
+
+    O1 = V + norm(linear(drop(attn(q=V, k=T, v=T))))     video attends to the words
+    O2 = T + norm(linear(drop(attn(q=T, k=V, v=V))))     words attend to the clips
+    O3 = norm(O1 + drop(attn(q=O1, k=O2, v=O2)))         clips read the video-aware words
+    F  = norm(O3 + drop(selfattn(O3)));  out = norm(F + FFN(F))
+
+    Positions (sine for clips, learned for words) are added to every attention input. Unlike the
+    reference (spec 2.4 / 6, item 6), the text stream O2 is carried to the next layer, and every
+    stage keeps its residual ("residuals, layer norm, dropout at each stage" in the paper): the
+    literal Algorithm 2 has none on O3 and the FFN, which would leave each clip with nothing of
+    its own features but attention weights over words.
+    """
+
+    def __init__(
+        self, dim: int, nheads: int, ffn_dim: int, dropout: float, attn_dropout: float
+    ) -> None:
+        super().__init__()
+        self.video_to_text = Attention(dim, nheads, attn_dropout)
+        self.text_to_video = Attention(dim, nheads, attn_dropout)
+        self.fusion = Attention(dim, nheads, attn_dropout)
+        self.self_attn = Attention(dim, nheads, attn_dropout)
+        self.linear_v = nn.Linear(dim, dim)
+        self.linear_t = nn.Linear(dim, dim)
+        self.norm_v = nn.LayerNorm(dim)
+        self.norm_t = nn.LayerNorm(dim)
+        self.norm_fuse = nn.LayerNorm(dim)
+        self.norm_self = nn.LayerNorm(dim)
+        self.norm_out = nn.LayerNorm(dim)
+        self.ffn = FeedForward(dim, ffn_dim, dropout)
+        self.dropout = Dropout(dropout)
+
+    def forward(
+        self,
+        video: torch.Tensor,
+        text: torch.Tensor,
+        video_mask: torch.Tensor,  # (B, 1, 1, Lv) additive
+        text_mask: torch.Tensor,  # (B, 1, 1, Lq) additive
+        video_pos: torch.Tensor,
+        text_pos: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """video (B, Lv, d), text (B, Lq, d) -> (video, text), same shapes."""
+        v_in, t_in = video + video_pos, text + text_pos
+        o1 = video + self.norm_v(
+            self.linear_v(self.dropout(self.video_to_text(v_in, t_in, t_in, text_mask)))
+        )
+        o2 = text + self.norm_t(
+            self.linear_t(self.dropout(self.text_to_video(t_in, v_in, v_in, video_mask)))
+        )
+        o3 = self.norm_fuse(
+            o1 + self.dropout(self.fusion(o1 + video_pos, o2 + text_pos, o2, text_mask))
+        )
+        q = o3 + video_pos
+        f = self.norm_self(o3 + self.dropout(self.self_attn(q, q, o3, video_mask)))
+        out = self.norm_out(f + self.dropout(self.ffn(f)))
+        return out, o2
+
+
+class BiCMF(nn.Module):
+    """A stack of Bi-CMF layers; returns the fused video stream."""
+
+    def __init__(
+        self, num_layers: int, dim: int, nheads: int, ffn_dim: int, dropout: float,
+        attn_dropout: float,
+    ) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(
+            BiCMFLayer(dim, nheads, ffn_dim, dropout, attn_dropout) for _ in range(num_layers)
+        )
+
+    def forward(self, video, text, video_mask, text_mask, video_pos, text_pos) -> torch.Tensor:
+        for layer in self.layers:
+            video, text = layer(video, text, video_mask, text_mask, video_pos, text_pos)
+        return video

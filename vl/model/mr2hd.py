@@ -1,0 +1,58 @@
+"""MR->HD feedback (Uni-JFM): the predicted moment re-weights the clip memory for saliency."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
+
+from vl.losses.spans import cxw_to_xx
+
+
+class MomentToHighlight(nn.Module):
+    """TR-DETR's MR2HD branch as the reference computes it (spec 2.10).
+
+    The top-1 predicted moment (indices are not differentiable) selects clips of the projected,
+    pre-FRA video; a GRU summarises them into h; clip weights w_j = <h, V_j> re-weight the
+    encoder memory, m'_j = (1 + w_j) m_j, and s_mr_j = sum_k (P m'_j)_k / sqrt(d).
+
+    Deviation, on purpose: the GRU runs over the selected clips only (a packed sequence). The
+    reference right-pads the slice with zeros to the batch's clip count, so the score depended on
+    how much padding the batch happened to have, and a negative predicted start sliced from the
+    end of the video; here the span is clamped to the valid clips.
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.gru = nn.GRU(dim, dim, num_layers=1, batch_first=True)
+        self.proj = nn.Linear(dim, dim)
+        self.scale = 1.0 / math.sqrt(dim)
+
+    def forward(
+        self,
+        video: torch.Tensor,  # (B, Lv, d) projected, pre-FRA
+        memory: torch.Tensor,  # (B, Lv, d) encoder clip memory
+        video_mask: torch.Tensor,  # (B, Lv) bool
+        logits: torch.Tensor,  # (B, Nq, 2) final layer
+        spans: torch.Tensor,  # (B, Nq, 2) final layer (center, width)
+    ) -> torch.Tensor:
+        B, Lv, d = video.shape
+        with torch.no_grad():
+            best = logits.softmax(-1)[..., 0].argmax(dim=1)  # (B,)
+            span = cxw_to_xx(spans[torch.arange(B, device=spans.device), best]).clamp(0, 1)
+            length = video_mask.sum(1)  # (B,)
+            st = (span[:, 0] * length).floor().long()
+            ed = (span[:, 1] * length).floor().long()
+            st = torch.minimum(st, length - 1)
+            ed = torch.maximum(torch.minimum(ed, length - 1), st)
+            n = ed - st + 1  # (B,) >= 1
+            idx = st[:, None] + torch.arange(int(n.max()), device=video.device)  # (B, Ls)
+            idx = torch.minimum(idx, (length - 1)[:, None])
+        clips = video.gather(1, idx[..., None].expand(-1, -1, d))  # (B, Ls, d)
+        packed = pack_padded_sequence(clips, n.cpu(), batch_first=True, enforce_sorted=False)
+        _, h = self.gru(packed)  # (1, B, d)
+        weights = torch.einsum("bd,bld->bl", h[0], video)  # (B, Lv)
+        reweighted = (1 + weights)[..., None] * memory
+        return self.proj(reweighted).sum(-1) * self.scale  # (B, Lv)
