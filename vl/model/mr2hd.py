@@ -27,7 +27,8 @@ class MomentToHighlight(nn.Module):
     def __init__(self, dim: int) -> None:
         super().__init__()
         self.gru = nn.GRU(dim, dim, num_layers=1, batch_first=True)
-        self.proj = nn.Linear(dim, dim)
+        # no bias: s_mr only feeds L_tc, a cosine of (s - min s), which no constant shift changes
+        self.proj = nn.Linear(dim, dim, bias=False)
         self.scale = 1.0 / math.sqrt(dim)
 
     def forward(
