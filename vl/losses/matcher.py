@@ -48,6 +48,11 @@ class HungarianMatcher(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Return flat index tensors (sample, prediction, target) of the matched pairs."""
         cost = self.cost_matrix(logits, spans, tgt_spans).cpu().numpy()
+        if not np.isfinite(cost).all():
+            raise FloatingPointError(
+                "non-finite matching cost: the model produced NaN/inf moments "
+                "(look for NaN in the input features or a diverged run)"
+            )
         counts = tgt_mask.sum(1).tolist()
         rows, cols, samples = [], [], []
         for n, (c, k) in enumerate(zip(cost, counts)):

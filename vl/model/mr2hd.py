@@ -42,7 +42,8 @@ class MomentToHighlight(nn.Module):
         B, Lv, d = video.shape
         with torch.no_grad():
             best = logits.softmax(-1)[..., 0].argmax(dim=1)  # (B,)
-            span = cxw_to_xx(spans[torch.arange(B, device=spans.device), best]).clamp(0, 1)
+            span = cxw_to_xx(spans[torch.arange(B, device=spans.device), best])
+            span = span.nan_to_num(0.0).clamp(0, 1)  # NaN inputs surface in the loss instead
             length = video_mask.sum(1)  # (B,)
             st = (span[:, 0] * length).floor().long()
             ed = (span[:, 1] * length).floor().long()
