@@ -1,4 +1,4 @@
-"""Shared plumbing for the embedded local stack: free ports, the no-telemetry environment, polling."""
+"""Shared plumbing for the local stack: free ports, the no-telemetry environment, polling."""
 
 from __future__ import annotations
 

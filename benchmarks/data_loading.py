@@ -1,0 +1,224 @@
+"""Data-loading throughput: Parquet shards on the loopback S3 server vs the per-sample npz layout.
+
+`python -m benchmarks.data_loading` prints one JSON line. Both loaders run on the same synthetic
+QVHighlights-shaped data (75 clips of SlowFast+CLIP+BLIP = 3584 dims, up to 32 tokens of
+CLIP+BLIP = 1280 dims), through a torch DataLoader with the same workers and batch size,
+so the difference is the storage format and the per-sample work it implies:
+- shards: ShardDataset from s3:// (first epoch with a cold local cache, i.e. including the
+  download from S3; second epoch from the cache);
+- npz: a map-style dataset doing the reference loader's per-sample work (one .npz per feature
+  set, float32 cast, L2 normalisation, concatenation, TEF via torch.cat) and the reference's
+  pad-per-key collate (files on local disk, warm in the page cache since they were just
+  written: the most favourable case for npz).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from vl.data.annotations import Annotation, build_targets, load_annotations
+from vl.data.batch import Batch
+from vl.data.dataset import make_loader, sample_rng
+from vl.data.features import (
+    FeatureDir,
+    l2_normalize,
+    load_text_set,
+    load_video_set,
+    parse_feature_dirs,
+)
+from vl.data.synthetic import SyntheticConfig, generate
+
+
+class NpzDataset(Dataset):
+    """The reference loader's work per sample: one np.load per feature set, float32 cast, L2
+    normalisation, truncation to the shortest set, np.concatenate, torch.cat with the TEF."""
+
+    def __init__(
+        self,
+        anns: list[Annotation],
+        video: list[FeatureDir],
+        text: list[FeatureDir],
+        max_v_l: int = 75,
+        max_q_l: int = 32,
+    ) -> None:
+        self.anns, self.video, self.text = anns, video, text
+        self.max_v_l, self.max_q_l = max_v_l, max_q_l
+
+    def __len__(self) -> int:
+        return len(self.anns)
+
+    def __getitem__(self, i: int) -> dict:
+        a = self.anns[i]
+        v = [l2_normalize(load_video_set(d, a.vid, self.max_v_l)) for d in self.video]
+        n = min(len(x) for x in v)
+        video = torch.from_numpy(np.concatenate([x[:n] for x in v], axis=1))
+        tef_st = torch.arange(0, n, 1.0) / n
+        video = torch.cat([video, torch.stack([tef_st, tef_st + 1.0 / n], dim=1)], dim=1)
+        t = [l2_normalize(load_text_set(d, a.qid, a.dataset, self.max_q_l)) for d in self.text]
+        m = min(len(x) for x in t)
+        text = torch.from_numpy(np.concatenate([x[:m] for x in t], axis=1))
+        targets = build_targets(a, n, sample_rng(0, 0, a.qid), clip_len=2.0)
+        return {"ann": a, "video": video, "text": text, "targets": targets}
+
+
+def _pad(seqs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference's pad_sequences_1d: zeros + copy, float mask."""
+    lengths = [len(s) for s in seqs]
+    out = torch.zeros(len(seqs), max(lengths), seqs[0].shape[1])
+    mask = torch.zeros(len(seqs), max(lengths))
+    for i, (s, n) in enumerate(zip(seqs, lengths, strict=True)):
+        out[i, :n] = s
+        mask[i, :n] = 1.0
+    return out, mask
+
+
+def reference_collate(items: list[dict]) -> Batch:
+    """start_end_collate's work (padding per key), packed into the same Batch."""
+    video, video_mask = _pad([x["video"] for x in items])
+    text, text_mask = _pad([x["text"] for x in items])
+    W = max(1, max(len(x["targets"].spans) for x in items))
+    spans = torch.zeros(len(items), W, 2)
+    span_mask = torch.zeros(len(items), W, dtype=torch.bool)
+    for i, x in enumerate(items):
+        w = len(x["targets"].spans)
+        spans[i, :w] = torch.from_numpy(x["targets"].spans)
+        span_mask[i, :w] = True
+    saliency, _ = _pad([torch.from_numpy(x["targets"].saliency_labels)[:, None] for x in items])
+    anns = [x["ann"] for x in items]
+    return Batch(
+        video=video,
+        video_mask=video_mask,
+        text=text,
+        text_mask=text_mask,
+        span_targets=spans,
+        span_mask=span_mask,
+        saliency_labels=saliency[..., 0],
+        saliency_pos_idx=torch.stack([torch.from_numpy(x["targets"].pos_idx) for x in items]),
+        saliency_neg_idx=torch.stack([torch.from_numpy(x["targets"].neg_idx) for x in items]),
+        qids=[a.qid for a in anns],
+        vids=[a.vid for a in anns],
+        queries=[a.query for a in anns],
+        durations=[a.duration for a in anns],
+    )
+
+
+def _time_loader(loader) -> tuple[float, int]:
+    t0 = time.perf_counter()
+    n = 0
+    for batch in loader:
+        n += len(batch)
+    return time.perf_counter() - t0, n
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.data_loading", description=__doc__)
+    parser.add_argument("--queries", type=int, default=1024, help="synthetic queries (2/video)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--work-dir", type=Path, help="keep data here (default: a temp dir)")
+    parser.add_argument("--dims", help="override feature dims, e.g. 'tiny' (default: real dims)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+
+    from vl.data.synthetic import parse_dims
+
+    work = args.work_dir or Path(tempfile.mkdtemp(prefix="vl-bench-data-"))
+    work.mkdir(parents=True, exist_ok=True)
+    server = None
+    try:
+        if not os.environ.get("AWS_ENDPOINT_URL"):
+            from cluster.local.s3 import start_s3
+
+            server = start_s3(work / "s3", ["vl-data"])
+            os.environ.update(server.env())
+        t0 = time.perf_counter()
+        cfg = SyntheticConfig(
+            "qvhighlights",
+            videos=max(1, args.queries // 2),
+            seed=args.seed,
+            val_fraction=0.0,
+            dims=parse_dims(args.dims),
+        )
+        layout = generate(cfg, work / "raw")
+        gen_s = time.perf_counter() - t0
+
+        from jobs.shard import run as shard_run
+
+        uri = f"s3://vl-data/bench/{int(time.time())}/train"
+        t0 = time.perf_counter()
+        manifest = shard_run(
+            dataset="qvhighlights",
+            annotations=str(layout.train_jsonl),
+            video_features=layout.video_arg(),
+            text_features=layout.text_arg(),
+            out=uri,
+            ray_mode="off",
+            log=lambda *_: None,
+        )
+        shard_s = time.perf_counter() - t0
+
+        cache = work / "cache"
+        loader = make_loader(
+            uri, args.batch_size, num_workers=args.workers, seed=args.seed, cache_dir=cache
+        )
+        cold_s, n_shard = _time_loader(loader)
+        loader.dataset.set_epoch(1)
+        warm_s, _ = _time_loader(loader)
+
+        anns = load_annotations(layout.train_jsonl, "qvhighlights")
+        npz = NpzDataset(
+            anns,
+            parse_feature_dirs(layout.video_arg(), "video"),
+            parse_feature_dirs(layout.text_arg(), "text"),
+        )
+        npz_loader = DataLoader(
+            npz,
+            batch_size=args.batch_size,
+            shuffle=True,
+            num_workers=args.workers,
+            collate_fn=reference_collate,
+            generator=torch.Generator().manual_seed(args.seed),
+        )
+        npz_s, n_npz = _time_loader(npz_loader)
+        result = {
+            "shard_samples_per_s": round(n_shard / cold_s, 1),
+            "shard_warm_samples_per_s": round(n_shard / warm_s, 1),
+            "npz_samples_per_s": round(n_npz / npz_s, 1),
+            "speedup_cold": round((n_shard / cold_s) / (n_npz / npz_s), 2),
+            "speedup_warm": round((n_shard / warm_s) / (n_npz / npz_s), 2),
+            "samples": n_shard,
+            "batch_size": args.batch_size,
+            "num_workers": args.workers,
+            "video_dim": sum(f.dim for f in manifest.video_features) + 2,
+            "text_dim": sum(f.dim for f in manifest.text_features),
+            "shard_bytes": sum(s.bytes for s in manifest.shards),
+            "npz_bytes": _dir_bytes(work / "raw"),
+            "generate_s": round(gen_s, 1),
+            "convert_s": round(shard_s, 1),
+        }
+        print(json.dumps(result), flush=True)
+    finally:
+        if server is not None:
+            server.stop()
+        if args.work_dir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

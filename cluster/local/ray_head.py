@@ -1,0 +1,311 @@
+"""A single-node Ray head on loopback, started as `ray start --head --block` in its own session.
+
+Why a `--block` child and not `ray.init()`: the head must outlive the process that started it
+(the `stack up` CLI) and accept `ray job submit`, which needs the dashboard. Why its own session:
+`ray stop` kills every Ray process on the machine, so the only safe way to stop *this* head is
+to signal *its* process session (see `stop_session`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cluster.local.common import NO_TELEMETRY_ENV, free_port, quiet_env, wait_for
+
+# Ray puts AF_UNIX sockets at <temp-dir>/session_<date>_<usec>_<pid>/sockets/plasma_store.N; the
+# kernel caps a socket path at 107 bytes and everything after <temp-dir> takes up to ~66.
+MAX_TEMP_DIR_CHARS = 40
+
+# Ray's default worker port range is 10002..19999; every fixed port we pick lies outside it.
+_PORT_LOW, _PORT_HIGH = 20000, 40000
+
+# Variables a parent may carry that would point `ray start --head` at another cluster, or (the
+# pytest one) switch Ray into its own test-suite behaviour.
+_INHERITED_VARS = (
+    "RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE", "PYTEST_CURRENT_TEST",
+)
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    """Fields of /proc/PID/stat after the command name (index 0 = state), or None if gone."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    return raw[raw.rfind(")") + 2 :].split()
+
+
+def process_start_ticks(pid: int) -> int | None:
+    """The process start time in clock ticks since boot: with the PID it names one process.
+
+    Recording it next to a PID lets `stop_session` refuse to signal a recycled PID.
+    """
+    stat = _proc_stat(pid)
+    return int(stat[19]) if stat else None
+
+
+def session_members(sid: int) -> list[int]:
+    """PIDs of live (non-zombie) processes whose session id is `sid`."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        stat = _proc_stat(int(entry.name))
+        if stat and int(stat[3]) == sid and stat[0] != "Z":
+            members.append(int(entry.name))
+    return members
+
+
+def _alive(pid: int) -> bool:
+    stat = _proc_stat(pid)
+    return stat is not None and stat[0] != "Z"
+
+
+def stop_session(
+    pid: int,
+    grace_s: float = 10.0,
+    popen: subprocess.Popen | None = None,
+    start_ticks: int | None = None,
+    term_all: bool = False,
+) -> None:
+    """Stop the session led by `pid`: SIGTERM, wait for the leader, then SIGKILL what is left.
+
+    By default only the leader gets SIGTERM, because Ray's `--block` handler stops its children
+    in order (a SIGTERM to every Ray process at once makes them race and log crash reports);
+    `term_all` sends it to every member, for servers whose workers each shut down cleanly on
+    their own (MLflow's uvicorn). The session-wide SIGKILL afterwards catches whatever escaped.
+    `start_ticks` (from `process_start_ticks` at start time) guards against signalling a PID the
+    kernel has since handed to an unrelated process.
+    """
+    if start_ticks is not None and process_start_ticks(pid) not in (None, start_ticks):
+        return  # the recorded PID now belongs to someone else: its session is gone
+    for target in session_members(pid) if term_all else [pid] if _alive(pid) else []:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(target, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        if popen is not None and popen.poll() is not None:
+            break
+        if popen is None and not _alive(pid):
+            break
+        time.sleep(0.1)
+    for member in session_members(pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(member, signal.SIGKILL)
+    if popen is not None:
+        try:
+            popen.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            popen.kill()
+            popen.wait(timeout=5)
+    wait_for(lambda: not session_members(pid), 10, f"processes of session {pid} to exit")
+
+
+def write_token(path: Path) -> str:
+    """Write a fresh 256-bit auth token to `path` (mode 0600) and return it."""
+    token = secrets.token_hex(32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token)
+    return token
+
+
+def _dashboard_ready(url: str, token: str) -> bool:
+    """True once the dashboard's job API answers an authenticated request.
+
+    /api/version is behind the token check, so a 200 proves both that the HTTP server is up
+    and that our token is the one the cluster expects (a 401/403 here would mean it is not).
+    """
+    request = urllib.request.Request(
+        f"{url}/api/version", headers={"Authorization": f"Bearer {token}"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=1) as response:
+            return response.status == 200
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return False
+
+
+def _raylet_ready(agent_port: int) -> bool:
+    """True once the node's dashboard agent reports its raylet healthy (no token needed).
+
+    The dashboard head answers before the raylet is up; a job submitted in that gap waits, so
+    readiness means both.
+    """
+    url = f"http://127.0.0.1:{agent_port}/api/local_raylet_healthz"
+    try:
+        with urllib.request.urlopen(url, timeout=1) as response:
+            return response.status == 200
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return False
+
+
+@dataclass
+class RayHead:
+    """A running Ray head. `env()` is what a client (`ray job submit`, `ray.init`) needs."""
+
+    pid: int
+    gcs_port: int
+    dashboard_port: int
+    agent_port: int
+    temp_dir: Path
+    token_path: Path
+    start_ticks: int | None = None
+    log_path: Path | None = None
+    popen: subprocess.Popen | None = field(default=None, repr=False)
+
+    @property
+    def gcs_address(self) -> str:
+        """For an in-process `ray.init(address=...)` driver."""
+        return f"127.0.0.1:{self.gcs_port}"
+
+    @property
+    def dashboard_url(self) -> str:
+        """For `ray job ...` (RAY_ADDRESS) and a browser."""
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def env(self) -> dict[str, str]:
+        """Client variables: the job API address, the token switches, no telemetry."""
+        return {
+            **NO_TELEMETRY_ENV,
+            "RAY_ADDRESS": self.dashboard_url,
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN_PATH": str(self.token_path),
+        }
+
+    def alive(self) -> bool:
+        return _alive(self.pid) and process_start_ticks(self.pid) in (None, self.start_ticks)
+
+    def stop(self, grace_s: float = 15.0) -> None:
+        """SIGTERM the `--block` leader, reap it, SIGKILL the rest of its session."""
+        stop_session(self.pid, grace_s=grace_s, popen=self.popen, start_ticks=self.start_ticks)
+
+    def wait_ready(self, timeout_s: float = 60.0) -> None:
+        """Block until the job API and the raylet answer; stop the head and raise otherwise."""
+
+        def ready() -> bool:
+            if self.popen is not None and self.popen.poll() is not None:
+                tail = self.log_path.read_text(errors="replace")[-3000:] if self.log_path else ""
+                raise RuntimeError(
+                    f"ray start exited with code {self.popen.returncode}; see {self.log_path}:\n"
+                    + tail
+                )
+            token = self.token_path.read_text().strip()
+            return _dashboard_ready(self.dashboard_url, token) and _raylet_ready(self.agent_port)
+
+        try:
+            wait_for(ready, timeout_s, f"Ray head ({self.dashboard_url}, log {self.log_path})")
+        except BaseException:
+            self.stop()
+            raise
+
+
+def start_ray_head(
+    temp_dir: Path,
+    num_cpus: int = 2,
+    env: dict[str, str] | None = None,
+    object_store_bytes: int = 700_000_000,
+    timeout_s: float = 60.0,
+    wait: bool = True,
+) -> RayHead:
+    """Start a Ray head on 127.0.0.1 with token auth and wait until its job API answers.
+
+    `env` (S3 and MLflow variables) goes into the head's environment; Ray workers, job drivers
+    and job supervisors are spawned by the head's raylet and inherit it, which is how a job
+    reads S3 and logs to MLflow without passing credentials through `--runtime-env-json`.
+    With `wait=False` it returns right after launching; call `wait_ready()` before use (lets a
+    caller start other services meanwhile).
+    """
+    temp_dir = Path(temp_dir).resolve()
+    if len(str(temp_dir)) > MAX_TEMP_DIR_CHARS:
+        raise ValueError(
+            f"Ray temp dir {temp_dir} is {len(str(temp_dir))} characters; Ray's socket paths "
+            f"overflow past {MAX_TEMP_DIR_CHARS}. Use a shorter path (e.g. under /tmp)."
+        )
+    temp_dir.mkdir(parents=True, exist_ok=True)
+    home = temp_dir / "home"
+    home.mkdir(exist_ok=True)
+    # With this file present Ray believes it runs on a launched cluster with a local provider
+    # and skips the cloud-metadata probes its dashboard otherwise sends (STACK.md).
+    (home / "ray_bootstrap_config.yaml").write_text("provider:\n  type: local\n")
+    token_path = temp_dir / "auth_token"
+    write_token(token_path)
+
+    ports = {
+        name: free_port(_PORT_LOW, _PORT_HIGH)
+        for name in (
+            "port",
+            "dashboard-port",
+            "ray-client-server-port",
+            "dashboard-agent-listen-port",
+            "dashboard-agent-grpc-port",
+            "runtime-env-agent-port",
+            "metrics-export-port",
+            "node-manager-port",
+            "object-manager-port",
+        )
+    }
+    if len(set(ports.values())) != len(ports):  # free_port may hand out one port twice
+        return start_ray_head(temp_dir, num_cpus, env, object_store_bytes, timeout_s, wait)
+    ray_bin = Path(sys.executable).with_name("ray")
+    command = [
+        str(ray_bin) if ray_bin.exists() else "ray",
+        "start",
+        "--head",
+        "--block",
+        f"--temp-dir={temp_dir}",
+        f"--num-cpus={num_cpus}",
+        "--num-gpus=0",
+        f"--object-store-memory={object_store_bytes}",
+        "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1",
+        "--node-ip-address=127.0.0.1",
+        "--disable-usage-stats",
+        *(f"--{name}={port}" for name, port in ports.items()),
+    ]
+    child_env = quiet_env(env)
+    for name in _INHERITED_VARS:
+        child_env.pop(name, None)
+    child_env.update(
+        {
+            "HOME": str(home),
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN_PATH": str(token_path),
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        }
+    )
+    log_path = temp_dir / "ray-head.log"
+    with open(log_path, "ab") as log:
+        popen = subprocess.Popen(
+            command,
+            env=child_env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    head = RayHead(
+        pid=popen.pid,
+        gcs_port=ports["port"],
+        dashboard_port=ports["dashboard-port"],
+        agent_port=ports["dashboard-agent-listen-port"],
+        temp_dir=temp_dir,
+        token_path=token_path,
+        start_ticks=process_start_ticks(popen.pid),
+        log_path=log_path,
+        popen=popen,
+    )
+    if wait:
+        head.wait_ready(timeout_s)
+    return head

@@ -1,0 +1,126 @@
+"""jobs.shard: official layout -> shards on the real S3 server; resume, missing features, Ray."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from jobs.shard import main, run
+from vl.data.annotations import load_annotations
+from vl.data.shards import filesystem, read_annotations, read_manifest
+from vl.data.synthetic import SyntheticConfig, generate
+
+DIMS = {"slowfast": 12, "clip": 8, "blip": 8}
+
+
+@pytest.fixture(scope="module")
+def layout(tmp_path_factory: pytest.TempPathFactory):
+    return generate(SyntheticConfig("qvhighlights", videos=6, seed=4, dims=DIMS),
+                    tmp_path_factory.mktemp("raw"))  # fmt: skip
+
+
+def _args(layout, out: str, *extra: str) -> list[str]:
+    return [
+        "--dataset", "qvhighlights", "--annotations", str(layout.train_jsonl),
+        "--video-features", layout.video_arg(), "--text-features", layout.text_arg(),
+        "--out", out, "--rows-per-shard", "3", "--ray", "off", *extra,
+    ]  # fmt: skip
+
+
+def _objects(uri: str) -> list[str]:
+    fs, path = filesystem(uri)
+    return sorted(fs.find(path)) if fs.exists(path) else []
+
+
+@pytest.mark.integration
+def test_convert_to_s3_and_resume(layout, s3_env, capsys: pytest.CaptureFixture) -> None:
+    out = "s3://vl-data/test_shard_job/resume"
+    assert main(_args(layout, out)) == 0
+    m = read_manifest(out)
+    n = len(load_annotations(layout.train_jsonl, "qvhighlights"))
+    assert m.num_rows == n and len(m.shards) == -(-n // 3)
+    assert [f.name for f in m.video_features] == ["slowfast", "clip", "blip"]
+    assert [(f.name, f.dim) for f in m.text_features] == [("clip", 8), ("blip", 8)]
+    assert {r["qid"] for r in read_annotations(out)} == {
+        a.qid for a in load_annotations(layout.train_jsonl, "qvhighlights")
+    }
+    first = {o: filesystem(out)[0].info(o)["ETag"] for o in _objects(out) if o.endswith("parquet")}
+    capsys.readouterr()
+    # A re-run converts nothing; losing one shard re-converts exactly that one.
+    assert main(_args(layout, out)) == 0
+    assert '"converted": 0' in capsys.readouterr().out
+    fs, _ = filesystem(out)
+    victim = sorted(first)[1]
+    fs.rm(victim)
+    assert main(_args(layout, out)) == 0
+    assert '"converted": 1' in capsys.readouterr().out
+    assert read_manifest(out).shards == m.shards  # byte-identical shard rebuilt
+    assert {o: fs.info(o)["ETag"] for o in first} == first
+
+
+@pytest.mark.integration
+def test_missing_features_fail_before_writing(layout, s3_env, capsys) -> None:
+    out = "s3://vl-data/test_shard_job/missing"
+    victim = load_annotations(layout.train_jsonl, "qvhighlights")[2]
+    text_file = layout.root / "blip_aug_text_features_openai" / f"qid{victim.qid}.npz"
+    moved = text_file.with_suffix(".moved")
+    os.rename(text_file, moved)
+    try:
+        assert main(_args(layout, out)) == 2
+        err = capsys.readouterr().err
+        assert f"qid {victim.qid!r}" in err and "'blip'" in err and "--skip-missing" in err
+        assert _objects(out) == []  # nothing written
+        m = run(
+            dataset="qvhighlights", annotations=str(layout.train_jsonl),
+            video_features=layout.video_arg(), text_features=layout.text_arg(), out=out,
+            skip_missing=True, rows_per_shard=3, ray_mode="off", log=lambda *_: None,
+        )  # fmt: skip
+    finally:
+        os.rename(moved, text_file)
+    assert m.skipped == [{"qid": victim.qid, "vid": victim.vid, "modality": "text",
+                          "feature_set": "blip", "directory": str(text_file.parent)}]  # fmt: skip
+    assert victim.qid not in {r["qid"] for r in read_annotations(out)}
+
+
+def test_unknown_feature_dir_is_explained(layout, tmp_path: Path, capsys) -> None:
+    args = _args(layout, str(tmp_path / "o"))
+    args[args.index("--video-features") + 1] = str(tmp_path / "my_features")
+    assert main(args) == 2
+    assert "NAME=DIR" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_ray_tasks_write_the_same_shards(
+    layout, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ray = pytest.importorskip("ray")
+    from cluster.local.common import NO_TELEMETRY_ENV
+
+    for k, v in NO_TELEMETRY_ENV.items():
+        monkeypatch.setenv(k, v)
+    # An in-process throwaway cluster: no token file in ~/.ray, no RAY_ADDRESS to latch onto.
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    ray_tmp = tempfile.mkdtemp(prefix="vlray-", dir="/tmp")  # AF_UNIX paths must stay short
+    repo = str(Path(__file__).resolve().parents[1])
+    common = dict(
+        dataset="qvhighlights", annotations=str(layout.train_jsonl),
+        video_features=layout.video_arg(), text_features=layout.text_arg(),
+        rows_per_shard=3, log=lambda *_: None,
+    )  # fmt: skip
+    local = run(out=str(tmp_path / "local"), ray_mode="off", **common)
+    ray.init(
+        num_cpus=2, include_dashboard=False, object_store_memory=80 * 2**20,
+        runtime_env={"env_vars": {"PYTHONPATH": repo, **NO_TELEMETRY_ENV}},
+        _temp_dir=ray_tmp, log_to_driver=False,
+    )  # fmt: skip
+    try:
+        remote = run(out=str(tmp_path / "ray_out"), ray_mode="auto", **common)
+    finally:
+        ray.shutdown()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert [s.sha256 for s in remote.shards] == [s.sha256 for s in local.shards]

@@ -1,0 +1,220 @@
+"""vl.tracking: params, run resumption, metrics, figures and the registry champion rule.
+
+The pure helpers are unit tests; everything that talks to MLflow runs against the real session
+server (SQLite + artifacts in SeaweedFS), because the run-resume and alias logic is only as
+good as the server's search and registry semantics.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import numpy as np
+import pytest
+
+from cluster.local.common import free_port
+from vl import tracking
+
+
+def _name(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+# ---- pure helpers ---------------------------------------------------------------------------
+def test_flatten_params_dots_keys_and_drops_credentials():
+    cfg = {
+        "model": {"hidden_dim": 256, "dims": [1, 2]},
+        "lr": 1e-4,
+        "storage": {
+            "path": "s3://vl-runs/x",
+            "aws_secret_access_key": "SHH",
+            "AWS_ACCESS_KEY_ID": "AKIA",
+            "credentials": {"user": "u", "pw": "p"},
+            "api-token": "t",
+            "db_password": "p",
+            "key_id": "k",
+        },
+    }
+    assert tracking.flatten_params(cfg) == {
+        "model.hidden_dim": "256",
+        "model.dims": "[1, 2]",
+        "lr": "0.0001",
+        "storage.path": "s3://vl-runs/x",
+    }
+    assert tracking.flatten_params({"a": 1}, prefix="cfg.") == {"cfg.a": "1"}
+
+
+def test_gt_saliency_sums_three_annotators_on_relevant_clips():
+    gt = {"relevant_clip_ids": [1, 3], "saliency_scores": [[4, 3, 2], [0, 1, 1]]}
+    assert tracking.gt_saliency(gt, 5).tolist() == [0, 9, 0, 2, 0]
+
+
+def test_check_tracking_server_fails_fast_when_nothing_listens():
+    uri = f"http://127.0.0.1:{free_port()}"
+    start = time.monotonic()
+    with pytest.raises(tracking.TrackingServerUnavailableError) as err:
+        tracking.check_tracking_server(uri, timeout_s=2)
+    assert time.monotonic() - start < 3
+    assert uri in str(err.value) and "MLFLOW_TRACKING_URI" in str(err.value)
+
+
+def test_plots_draw_curves_spans_and_saliency():
+    history = {"loss_total": [(0, 2.0), (1, 1.0)], "val/MR-full-mAP": [(0, 10.0), (1, 20.0)]}
+    fig = tracking.plot_curves(history)
+    loss_ax, metric_ax = fig.axes
+    assert [line.get_label() for line in loss_ax.get_lines()] == ["loss_total"]
+    assert loss_ax.get_yscale() == "log"
+    assert list(metric_ax.get_lines()[0].get_ydata()) == [10.0, 20.0]
+
+    rows = [
+        {"qid": 1, "pred_relevant_windows": [[0, 4, 0.2], [2, 6, 0.9]],
+         "pred_saliency_scores": [0.1, 0.5, 0.9]},
+        {"qid": 99, "pred_relevant_windows": [], "pred_saliency_scores": [0.0]},  # no GT row
+    ]
+    gt = [{"qid": 1, "query": "a dog", "duration": 6, "relevant_windows": [[2, 4]],
+           "relevant_clip_ids": [1], "saliency_scores": [[4, 4, 4]]}]
+    fig = tracking.plot_saliency_examples(rows, gt, n=4)
+    ax = fig.axes[0]  # one query -> one main axis (+ its twin)
+    assert len(fig.axes) == 2
+    gt_line = ax.get_lines()[0]
+    assert gt_line.get_ydata().tolist() == [0, 12, 0]
+    spans = [p.get_x() for p in ax.patches]  # GT window at 2 s, predicted top-1 at 2 s too
+    assert len(ax.patches) == 2 and spans == [2, 2]
+    widths = sorted(round(p.get_width(), 6) for p in ax.patches)
+    assert widths == [2, 4]  # GT [2, 4] and the top-scoring prediction [2, 6]
+
+
+# ---- against the real MLflow server ---------------------------------------------------------
+def test_check_tracking_server_accepts_running_server(mlflow_env):
+    tracking.check_tracking_server(mlflow_env.uri)
+
+
+def test_start_or_resume_run_continues_the_tagged_run(mlflow_env):
+    from mlflow.tracking import MlflowClient
+
+    experiment = _name("exp")
+    first = tracking.start_or_resume_run(experiment, "trial-a")
+    tracking.finish_run(first, status="FAILED")
+    again = tracking.start_or_resume_run(experiment, "trial-a")
+    other = tracking.start_or_resume_run(experiment, "trial-b")
+    client = MlflowClient()
+    assert again == first and other != first
+    assert client.get_run(first).info.status == "RUNNING"
+    assert client.get_run(first).data.tags[tracking.RUN_NAME_TAG] == "trial-a"
+    exp_id = client.get_experiment_by_name(experiment).experiment_id
+    assert len(client.search_runs([exp_id])) == 2
+
+
+def test_log_epoch_and_params(mlflow_env):
+    from mlflow.tracking import MlflowClient
+
+    run_id = tracking.start_or_resume_run(_name("exp"), "r")
+    tracking.log_epoch(run_id, 0, {"loss": 2.5, "mAP": np.float32(10.0)})
+    tracking.log_epoch(run_id, 1, {"loss": 1.5})
+    tracking.log_params(run_id, {"model": {"d": 8}, "token": "x"})
+    tracking.log_params(run_id, {"model": {"d": 8}})  # resumed run, same value: no error
+    client = MlflowClient()
+    history = client.get_metric_history(run_id, "loss")
+    assert [(m.step, m.value) for m in history] == [(0, 2.5), (1, 1.5)]
+    assert client.get_run(run_id).data.params == {"model.d": "8"}
+
+
+def test_log_figure_stores_png(mlflow_env):
+    from mlflow.tracking import MlflowClient
+
+    run_id = tracking.start_or_resume_run(_name("exp"), "fig")
+    tracking.log_figure(run_id, tracking.plot_curves({"loss": [(0, 1.0)]}), "curves")
+    files = [f.path for f in MlflowClient().list_artifacts(run_id, "plots")]
+    assert files == ["plots/curves.png"]
+
+
+def _fake_checkpoint(tmp_path):
+    """Registration never loads the checkpoint, so any torch file serves here."""
+    import torch
+
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"model": {}, "config": {}}, path)
+    return path
+
+
+def test_champion_alias_moves_only_to_a_better_model(mlflow_env, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    name = _name("vl-model")
+    run_id = tracking.start_or_resume_run(_name("exp"), "reg")
+    ckpt = _fake_checkpoint(tmp_path)
+    v1, champ1 = tracking.log_and_register_model(run_id, ckpt, name, "MR-full-mAP", 30.0)
+    v2, champ2 = tracking.log_and_register_model(run_id, ckpt, name, "MR-full-mAP", 25.0)
+    v3, champ3 = tracking.log_and_register_model(run_id, ckpt, name, "MR-full-mAP", 30.5)
+    assert (champ1, champ2, champ3) == (True, False, True)
+    client = MlflowClient()
+    assert client.get_model_version_by_alias(name, "champion").version == v3
+    tags = client.get_model_version(name, v2).tags
+    assert tags[tracking.SELECTION_METRIC_TAG] == "MR-full-mAP"
+    assert float(tags[tracking.SELECTION_VALUE_TAG]) == 25.0
+    assert client.get_run(run_id).info.status == "RUNNING"  # logging did not end the run
+
+    low = _name("vl-loss")
+    _, first = tracking.log_and_register_model(run_id, ckpt, low, "loss", 1.0, False)
+    worse_v, worse = tracking.log_and_register_model(run_id, ckpt, low, "loss", 2.0, False)
+    assert first and not worse
+    assert client.get_model_version_by_alias(low, "champion").version != worse_v
+
+
+def test_pyfunc_roundtrip(mlflow_env, tmp_path):
+    """The registered champion, loaded by URI, predicts the same rows as the bare model on
+    each sample alone (so padding two samples of different length changes nothing)."""
+    pytest.importorskip("vl.engine")
+    import mlflow.pyfunc
+    import pandas as pd
+    import torch
+
+    from vl.config import ExperimentConfig
+    from vl.data.batch import Batch
+    from vl.engine import predict_rows
+    from vl.model import build_model
+
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    cfg = ExperimentConfig.from_preset("tiny")
+    model = build_model(cfg.model).eval()
+    ckpt = tmp_path / "checkpoint.pt"
+    torch.save({"model": model.state_dict(), "config": cfg.to_dict()}, ckpt)
+    run_id = tracking.start_or_resume_run(_name("exp"), "pyfunc")
+    name = _name("vl-tiny")
+    tracking.log_and_register_model(run_id, ckpt, name, "MR-full-mAP", 1.0)
+
+    rng = np.random.default_rng(0)
+    dv, dt = cfg.model.video_input_dim, cfg.model.text_dim
+    videos = [rng.standard_normal((n, dv)).astype(np.float32) for n in (7, 4)]
+    texts = [rng.standard_normal((n, dt)).astype(np.float32) for n in (3, 5)]
+    served = mlflow.pyfunc.load_model(f"models:/{name}@champion")
+    rows = served.predict({"video_features": videos, "text_features": texts, "qid": [11, 12]})
+    frame = pd.DataFrame({"video_features": videos, "text_features": texts, "qid": [11, 12]})
+    assert served.predict(frame) == rows
+
+    for video, text, row, qid in zip(videos, texts, rows, (11, 12), strict=True):
+        alone = Batch(
+            video=torch.from_numpy(video)[None], video_mask=torch.ones(1, len(video)),
+            text=torch.from_numpy(text)[None], text_mask=torch.ones(1, len(text)),
+            span_targets=torch.zeros(1, 1, 2), span_mask=torch.zeros(1, 1, dtype=torch.bool),
+            saliency_labels=torch.zeros(1, len(video)),
+            saliency_pos_idx=torch.zeros(1, 2, dtype=torch.long),
+            saliency_neg_idx=torch.zeros(1, 2, dtype=torch.long),
+            qids=[qid], clip_len=cfg.data.clip_len,
+        )
+        (expected,) = predict_rows(model, alone, dataset=cfg.data.dataset)
+        assert row["qid"] == qid
+        assert len(row["pred_relevant_windows"]) == cfg.model.num_queries
+        assert len(row["pred_saliency_scores"]) == len(video)
+        np.testing.assert_allclose(
+            row["pred_saliency_scores"], expected["pred_saliency_scores"], atol=2e-3
+        )
+        np.testing.assert_allclose(
+            np.asarray(row["pred_relevant_windows"]),
+            np.asarray(expected["pred_relevant_windows"]), atol=2e-3,
+        )
+
+    with pytest.raises(ValueError, match="sample 0: video_features"):
+        served.predict({"video_features": [np.zeros((3, dv + 1))], "text_features": texts[:1]})
