@@ -1,7 +1,7 @@
-"""Small building blocks shared by the VideoLights modules: attention, MLP, sine positions.
+"""Small building blocks shared by the VideoLights modules: attention, MLP, dropout, positions.
 
-Attention is batch-first and runs on `scaled_dot_product_attention`, so PyTorch picks its fused
-CPU/GPU kernel; key-padding masks are boolean with True = a valid key.
+Attention is batch-first and runs on `scaled_dot_product_attention` (PyTorch's fused CPU/GPU
+kernel) whenever no attention-weight dropout is needed; masks are additive float tensors.
 """
 
 from __future__ import annotations
@@ -59,16 +59,24 @@ def attend(
     key_mask: torch.Tensor | None,
     dropout: float,
 ) -> torch.Tensor:
-    """Fused multi-head attention on (B, H, L, hd) tensors.
+    """Multi-head attention on (B, H, L, hd) tensors (q/k may be wider than v).
 
     key_mask: None, a (B, Lk) bool mask (True = valid), or an additive mask from
-    `additive_mask` (preferred: cheaper).
+    `additive_mask` (preferred: cheaper). Without dropout this is SDPA's fused kernel. With
+    attention-weight dropout on a CPU, SDPA falls back to an unfused path that draws its mask
+    with `bernoulli_`; the explicit softmax + cheap-mask dropout below is ~2x faster there.
     """
     if key_mask is not None and key_mask.dtype == torch.bool:
         key_mask = additive_mask(key_mask, q.dtype)
     if key_mask is not None and key_mask.dtype != q.dtype:
         key_mask = key_mask.to(q.dtype)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=dropout)
+    if dropout == 0.0 or q.device.type != "cpu":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=dropout)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
+    if key_mask is not None:
+        scores = scores + key_mask
+    weights = _DropoutFn.apply(scores.softmax(dim=-1), dropout)
+    return torch.matmul(weights, v)
 
 
 class Attention(nn.Module):
@@ -84,7 +92,9 @@ class Attention(nn.Module):
         self.dim = dim
         self.nheads = nheads
         self.dropout = dropout
-        self.in_proj = nn.Linear(dim, 3 * dim)
+        self.q_proj = nn.Linear(dim, dim)
+        self.k_proj = nn.Linear(dim, dim)
+        self.v_proj = nn.Linear(dim, dim)
         self.out_proj = nn.Linear(dim, dim)
 
     def forward(
@@ -94,21 +104,31 @@ class Attention(nn.Module):
         value: torch.Tensor,
         key_mask: torch.Tensor | None,
     ) -> torch.Tensor:
-        d, w, b = self.dim, self.in_proj.weight, self.in_proj.bias
+        d = self.dim
         if query is key:
-            q, k = F.linear(query, w[: 2 * d], b[: 2 * d]).split(d, dim=-1)
-            v = F.linear(value, w[2 * d :], b[2 * d :])
+            q, k = _fused_linear(query, self.q_proj, self.k_proj).split(d, dim=-1)
+            v = self.v_proj(value)
         elif key is value:
-            q = F.linear(query, w[:d], b[:d])
-            k, v = F.linear(key, w[d:], b[d:]).split(d, dim=-1)
+            q = self.q_proj(query)
+            k, v = _fused_linear(key, self.k_proj, self.v_proj).split(d, dim=-1)
         else:
-            q = F.linear(query, w[:d], b[:d])
-            k = F.linear(key, w[d : 2 * d], b[d : 2 * d])
-            v = F.linear(value, w[2 * d :], b[2 * d :])
+            q, k, v = self.q_proj(query), self.k_proj(key), self.v_proj(value)
         H = self.nheads
         drop = self.dropout if self.training else 0.0
         out = attend(split_heads(q, H), split_heads(k, H), split_heads(v, H), key_mask, drop)
         return self.out_proj(merge_heads(out))
+
+
+def _fused_linear(x: torch.Tensor, *layers: nn.Linear) -> torch.Tensor:
+    """Several Linear layers on the same input as one wider GEMM.
+
+    The weights are concatenated (not sliced out of one parameter): the backward of a `cat` is
+    a view per layer, while slicing a shared parameter would zero-fill a full-size gradient per
+    slice.
+    """
+    weight = torch.cat([layer.weight for layer in layers])
+    bias = torch.cat([layer.bias for layer in layers])
+    return F.linear(x, weight, bias)
 
 
 class FeedForward(nn.Module):
@@ -176,12 +196,12 @@ class _DropoutFn(torch.autograd.Function):
         keep = _keep_mask(x.shape, p, x.device)
         ctx.save_for_backward(keep)
         ctx.scale = 1.0 / (1.0 - p)
-        return torch.where(keep, x * ctx.scale, 0.0)
+        return torch.where(keep, x, 0.0).mul_(ctx.scale)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # noqa: D102
         (keep,) = ctx.saved_tensors
-        return torch.where(keep, grad * ctx.scale, 0.0), None
+        return torch.where(keep, grad, 0.0).mul_(ctx.scale), None
 
 
 class Dropout(nn.Module):
