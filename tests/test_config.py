@@ -26,9 +26,11 @@ def test_reference_script_preset():
 
 def test_yaml_with_preset_and_overrides(tmp_path):
     path = tmp_path / "exp.yaml"
-    path.write_text("preset: tiny\nname: x\nmodel:\n  bicmf_layers: 2\ntrain:\n  epochs: 7\n")
+    path.write_text("preset: tiny\nname: x\nmodel:\n  bicmf_layers: 2\ntrain:\n  epochs: 7\n"
+                    "  lr: 1e-3\n")
     cfg = ExperimentConfig.from_yaml(path, ["loss.hl_coef=5", "data.video_features=[clip]"])
     assert cfg.name == "x" and cfg.model.bicmf_layers == 2 and cfg.train.epochs == 7
+    assert cfg.train.lr == 1e-3  # YAML 1.1 reads 1e-3 as a string; accepted for float fields
     assert cfg.loss.hl_coef == 5.0 and isinstance(cfg.loss.hl_coef, float)
     assert cfg.data.video_features == ["clip"]
     assert cfg.model.hidden_dim == 32  # from the tiny preset
