@@ -23,7 +23,9 @@ from vl.losses.criterion import SetCriterion
 from vl.losses.spans import cxw_to_xx
 
 # datasets whose official rows carry per-clip saliency / moments (EVAL_SPEC, spec section 5)
-_WITH_SALIENCY = {"qvhighlights", "tvsum", "pretrain"}
+# pretrain: saliency there is a CLIP similarity, not an annotator grade (spec 1.3): evaluated
+# like Charades-STA, on its moments only
+_WITH_SALIENCY = {"qvhighlights", "tvsum"}
 _WITH_MOMENTS = {"qvhighlights", "charades", "pretrain"}
 
 
@@ -218,7 +220,7 @@ def score_rows(dataset: str, rows: list[dict], ground_truth: list[dict]) -> dict
     gt = [g for g in ground_truth if g["qid"] in wanted]
     if dataset == "tvsum":
         return M.evaluate_tvsum(rows, gt)
-    if dataset == "charades":
+    if dataset in ("charades", "pretrain"):
         return M.evaluate_charades(rows, gt)
     return M.evaluate_qvhighlights(rows, gt)
 

@@ -270,6 +270,10 @@ class VideoLightsPyfunc(mlflow.pyfunc.PythonModel):
     padding and post-processing, so a caller sends per-sample features and gets official rows.
     """
 
+    # The input is a dict of ragged per-sample arrays, which MLflow's type-hint validation
+    # cannot describe; opting out also stops its warning at every import of this module.
+    _skip_type_hint_validation = True
+
     def load_context(self, context: Any) -> None:
         import torch
 

@@ -1,0 +1,139 @@
+"""Ray Train's per-epoch overhead: one Ray Train worker vs `vl.engine` in a plain process.
+
+Both sides train the same model on the same shards with the same thread count; start-up (Ray
+init, worker group, process group, first-epoch warm-up) is excluded: each side runs a warm-up
+epoch, then the epochs that are timed. The Ray side times, inside the worker, what jobs.train
+does per epoch: the DDP-prepared model's epoch plus the `ray.train.report` barrier. Prints one
+JSON line; the target is an overhead of at most +10%.
+
+    python -m benchmarks.ray_overhead [--videos 120] [--epochs 3] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vl.config import ExperimentConfig
+
+
+def make_shards(root: Path, videos: int) -> tuple[str, ExperimentConfig]:
+    """Synthetic QVHighlights-shaped shards (smoke dims) in a local directory."""
+    from jobs.shard import run as shard_run
+    from vl.data.synthetic import SyntheticConfig, generate
+
+    layout = generate(SyntheticConfig("qvhighlights", videos=videos, seed=0,
+                                      dims={"slowfast": 16, "clip": 16},
+                                      video_sets=("slowfast", "clip"), text_sets=("clip",),
+                                      val_fraction=0.0), root / "raw")
+    out = str(root / "train")
+    shard_run(dataset="qvhighlights", annotations=str(layout.train_jsonl),
+              video_features=layout.video_arg(), text_features=layout.text_arg(), out=out,
+              rows_per_shard=64, ray_mode="off", log=lambda *_: None)
+    cfg = ExperimentConfig.from_yaml(Path(__file__).resolve().parents[1] / "configs/smoke.yaml",
+                                     ["model.video_dim=32", "model.text_dim=16"])
+    return out, cfg
+
+
+def timed_epochs(cfg_dict: dict[str, Any], uri: str, epochs: int, threads: int,
+                 report: Any = None) -> list[float]:
+    """Warm-up epoch + `epochs` timed epochs; `report(metrics)` is called after each (Ray)."""
+    from vl.data.dataset import make_loader
+    from vl.engine import build_optimizer, train_one_epoch
+    from vl.losses import build_criterion
+    from vl.model import build_model
+
+    cfg = ExperimentConfig.from_dict(cfg_dict)
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    if report is not None:
+        import ray.train.torch
+
+        model = ray.train.torch.prepare_model(model)
+    criterion = build_criterion(cfg.loss)
+    optimizer, _ = build_optimizer(model, cfg.train)
+    loader = make_loader(uri, cfg.data.batch_size, shuffle=True, seed=0,
+                         max_v_l=cfg.data.max_v_l, max_q_l=cfg.data.max_q_l,
+                         video_features=cfg.data.video_features,
+                         text_features=cfg.data.text_features)
+    times = []
+    for epoch in range(epochs + 1):
+        loader.dataset.set_epoch(epoch)
+        start = time.perf_counter()
+        stats = train_one_epoch(model, criterion, loader, optimizer, epoch,
+                                grad_clip=cfg.train.grad_clip)
+        if report is not None:
+            report({"epoch": epoch, "loss": stats["loss"]})
+        if epoch > 0:  # epoch 0 warms up allocators, caches and the shard reader
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def ray_loop(config: dict[str, Any]) -> None:
+    import ray.train
+
+    times = timed_epochs(config["cfg"], config["uri"], config["epochs"], config["threads"],
+                         report=ray.train.report)
+    Path(config["out"]).write_text(json.dumps(times))
+
+
+def run_ray(cfg: ExperimentConfig, uri: str, epochs: int, threads: int, out: Path) -> list[float]:
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=300_000_000,
+             log_to_driver=False)
+    try:
+        trainer = TorchTrainer(
+            ray_loop,
+            train_loop_config={"cfg": cfg.to_dict(), "uri": uri, "epochs": epochs,
+                               "threads": threads, "out": str(out)},
+            scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": threads}),
+            run_config=RunConfig(name="ray_overhead", storage_path=str(out.parent / "ray")),
+        )
+        trainer.fit()
+    finally:
+        ray.shutdown()
+    return json.loads(out.read_text())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.ray_overhead",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--videos", type=int, default=120, help="synthetic videos (2 queries each)")
+    parser.add_argument("--epochs", type=int, default=3, help="timed epochs per side")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads on both sides")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="vl-ray-overhead-") as tmp:
+        root = Path(tmp)
+        uri, cfg = make_shards(root, args.videos)
+        plain = timed_epochs(cfg.to_dict(), uri, args.epochs, args.threads)
+        ray_times = run_ray(cfg, uri, args.epochs, args.threads, root / "ray_times.json")
+    plain_s, ray_s = statistics.median(plain), statistics.median(ray_times)
+    print(json.dumps({
+        "benchmark": "ray_overhead",
+        "samples_per_epoch": args.videos * 2,
+        "epochs_timed": args.epochs,
+        "threads": args.threads,
+        "plain_epoch_s": round(plain_s, 3),
+        "ray_1_worker_epoch_s": round(ray_s, 3),
+        "overhead_pct": round(100 * (ray_s / plain_s - 1), 1),
+        "plain_epochs_s": [round(t, 3) for t in plain],
+        "ray_epochs_s": [round(t, 3) for t in ray_times],
+        "target_pct": 10,
+    }), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

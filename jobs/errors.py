@@ -1,0 +1,146 @@
+"""Driver-side preflight: every input a job needs is checked before a Ray worker starts.
+
+Why on the driver: a typo in a shard prefix or a stopped MLflow server would otherwise surface
+after a worker group start-up (~15 s here, minutes on a cloud cluster) as a traceback in some
+worker's log. Each check raises `PreflightError` whose message says what is wrong and what to
+do; the job's `main` turns it into one stderr line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+
+from vl.config import ConfigError, ExperimentConfig
+from vl.data.shards import ShardManifest, filesystem, is_remote, read_manifest
+
+EXIT_BAD_INPUT = 2
+
+
+class PreflightError(RuntimeError):
+    """Bad input found before any work started; the message is the one line the user sees."""
+
+
+@dataclass(frozen=True)
+class DataShape:
+    """What the shard sets say about the data: the model's input widths follow from it."""
+
+    video_dim: int  # chosen video sets, without the 2 TEF dims
+    text_dim: int
+    clip_len: float
+    num_train: int
+    num_val: int
+
+
+def require_manifest(uri: str, role: str) -> ShardManifest:
+    """The manifest at `uri`, or a PreflightError that names the prefix and the fix."""
+    if not uri:
+        raise PreflightError(
+            f"no {role} shard set given: pass --data s3://BUCKET/PREFIX (holding train/ and "
+            f"val/) or set data.{role} in the config"
+        )
+    try:
+        return read_manifest(uri)
+    except FileNotFoundError:
+        raise PreflightError(
+            f"no shard manifest at {uri.rstrip('/')}/manifest.json ({role} split): check "
+            "--data / data." + role + ", or write the shards first with python -m jobs.shard"
+        ) from None
+    except PermissionError as err:
+        raise PreflightError(f"cannot read {role} shards at {uri}: {err}; check AWS_* "
+                             "credentials") from None
+    except (OSError, ValueError) as err:
+        raise PreflightError(f"cannot read the {role} shard manifest at {uri}: {err}") from None
+
+
+def _dims(manifest: ShardManifest, wanted: list[str], modality: str, uri: str) -> int:
+    stored = {f.name: f.dim for f in getattr(manifest, f"{modality}_features")}
+    missing = [w for w in wanted if w not in stored]
+    if missing:
+        raise PreflightError(
+            f"{uri}: {modality} feature sets {missing} are not in the shards (they hold "
+            f"{sorted(stored)}); fix data.{modality}_features"
+        )
+    return sum(stored[w] for w in wanted)
+
+
+def check_data(cfg: ExperimentConfig) -> DataShape:
+    """Both shard sets exist, hold the configured dataset and feature sets, and agree."""
+    d = cfg.data
+    train = require_manifest(d.train, "train")
+    val = require_manifest(d.val, "val")
+    for uri, m in ((d.train, train), (d.val, val)):
+        if m.dataset != d.dataset:
+            raise PreflightError(
+                f"{uri} holds {m.dataset!r} shards but data.dataset is {d.dataset!r}; "
+                "fix the config or --data"
+            )
+    dims = []
+    for uri, m in ((d.train, train), (d.val, val)):
+        dims.append((_dims(m, d.video_features, "video", uri), _dims(m, d.text_features, "text",
+                                                                      uri)))
+    if dims[0] != dims[1]:
+        raise PreflightError(
+            f"train and val shards differ in feature dims ({dims[0]} vs {dims[1]}); "
+            "shard both splits from the same feature sets"
+        )
+    return DataShape(
+        video_dim=dims[0][0],
+        text_dim=dims[0][1],
+        clip_len=float(train.clip_len or d.clip_len),
+        num_train=train.num_rows,
+        num_val=val.num_rows,
+    )
+
+
+def check_storage(storage: str) -> None:
+    """The checkpoint storage is usable: for s3:// the bucket exists and answers."""
+    if not is_remote(storage):
+        try:
+            os.makedirs(storage, exist_ok=True)
+        except OSError as err:
+            raise PreflightError(f"cannot create storage directory {storage}: {err}") from None
+        return
+    if not storage.startswith("s3://"):
+        raise PreflightError(f"--storage {storage}: only s3:// URIs or local paths are supported")
+    bucket = storage[len("s3://"):].split("/", 1)[0]
+    if not bucket:
+        raise PreflightError(f"--storage {storage}: no bucket name (expected s3://BUCKET/PREFIX)")
+    fs, _ = filesystem(storage)
+    try:
+        found = fs.exists(bucket)
+    except PermissionError as err:
+        raise PreflightError(f"storage bucket {bucket!r}: access denied ({err}); check "
+                             "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY") from None
+    except OSError as err:
+        endpoint = os.environ.get("AWS_ENDPOINT_URL", "the default AWS endpoint")
+        raise PreflightError(f"storage {storage}: S3 at {endpoint} does not answer ({err}); "
+                             "check AWS_ENDPOINT_URL") from None
+    if not found:
+        raise PreflightError(
+            f"storage bucket {bucket!r} does not exist (from --storage {storage}); create it "
+            "or point --storage at an existing bucket"
+        )
+
+
+def check_tracking() -> None:
+    """MLFLOW_TRACKING_URI is set and its server answers."""
+    with warnings.catch_warnings():  # mlflow.pyfunc warns about type hints at import
+        warnings.simplefilter("ignore", UserWarning)
+        from vl.tracking import TrackingServerUnavailableError, check_tracking_server
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if not uri:
+        raise PreflightError(
+            "MLFLOW_TRACKING_URI is not set: point it at an MLflow server (python -m "
+            "cluster.local.stack up prints one) or a sqlite:///ABS/PATH/mlflow.db store"
+        )
+    try:
+        check_tracking_server(uri)
+    except TrackingServerUnavailableError as err:
+        raise PreflightError(str(err)) from None
+
+
+def config_error(err: ConfigError) -> PreflightError:
+    return PreflightError(f"config error: {err}")

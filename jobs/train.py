@@ -1,0 +1,563 @@
+"""python -m jobs.train: VideoLights on Ray Train V2 (DDP over S3 feature shards).
+
+The driver parses arguments, loads the config, checks every input (preflight), opens or resumes
+the MLflow run, then runs a `TorchTrainer`; after training it logs the final metrics and the best
+checkpoint's predictions and registers that checkpoint as a model version. Each worker streams
+its part of the shards through `vl.data`, wraps the model for DDP and runs `vl.engine`; rank 0
+evaluates, checkpoints and logs to MLflow. Everything Ray-specific sits in this file, at the
+edges of a plain PyTorch loop (ARCHITECTURE.md).
+
+Fault tolerance: a dead worker makes Ray restart the group (`train.max_failures`), which resumes
+from the latest checkpoint; resubmitting a killed job with the same `--name` and `--storage` does
+the same. The MLflow run is found again by its `vl.run_name` tag, so a resume never adds a run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import random
+import re
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from jobs.errors import (
+    EXIT_BAD_INPUT,
+    PreflightError,
+    check_data,
+    check_storage,
+    check_tracking,
+    config_error,
+)
+from vl.config import ConfigError, ExperimentConfig
+
+STATE_FILE = "state.pt"  # full training state: model, optimizer, scheduler, epoch, RNG, history
+MODEL_FILE = "model.pt"  # weights + config only: what the registered pyfunc model loads
+PREDICTIONS_FILE = "val_predictions.jsonl"
+METRICS_FILE = "metrics.json"
+SELECTION_KEY = "selection"
+DEFAULT_STORAGE = "s3://vl-runs/train"
+FAULT_GRACE_S = 5.0
+
+
+def tracking_module():
+    """vl.tracking, imported without mlflow.pyfunc's import-time type-hint warning."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        from vl import tracking
+    return tracking
+
+
+# ---- arguments and config ------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m jobs.train",
+        description=(
+            "Train VideoLights with Ray Train (DDP) on feature shards, checkpoint to S3, track in "
+            "MLflow, register the best checkpoint. Submit it to a cluster with `ray job submit "
+            "--working-dir . -- python -m jobs.train ...`; run directly it starts (or joins, via "
+            "RAY_ADDRESS) a Ray cluster itself. Needs MLFLOW_TRACKING_URI and, for s3:// URIs, "
+            "AWS_ENDPOINT_URL / AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY."
+        ),
+        epilog=(
+            "Resume: rerun with the same --name and --storage; training continues from the latest "
+            "checkpoint and logs into the same MLflow run. Bad input (missing shards, a config "
+            "typo, an unreachable MLflow server or storage bucket) exits with code 2 before any "
+            "worker starts."
+        ),
+    )
+    parser.add_argument("--config", required=True, type=Path,
+                        help="experiment YAML (configs/qvhighlights.yaml, configs/smoke.yaml...)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set train.epochs=5 "
+                             "--set model.bicmf_layers=1 (repeatable)")
+    parser.add_argument("--data", metavar="URI",
+                        help="shard prefix holding train/ and val/ shard sets "
+                             "(overrides data.train and data.val)")
+    parser.add_argument("--storage", default=DEFAULT_STORAGE, metavar="URI",
+                        help=f"where checkpoints go: s3://BUCKET/PREFIX or a local directory "
+                             f"(default {DEFAULT_STORAGE})")
+    parser.add_argument("--name", metavar="RUN_NAME",
+                        help="run name: the checkpoint folder under --storage and the MLflow "
+                             "run; reusing a name resumes that run (default: "
+                             "<config name>-<dataset>-<timestamp>)")
+    parser.add_argument("--register-as", metavar="MODEL_NAME",
+                        help="register the best checkpoint as a version of this MLflow model; "
+                             "alias 'champion' moves to it only if it beats the current one")
+    parser.add_argument("--experiment", metavar="NAME",
+                        help="MLflow experiment (default: the config's name)")
+    return parser
+
+
+def load_config(args: argparse.Namespace) -> ExperimentConfig:
+    overrides = list(args.overrides)
+    if args.data:
+        base = args.data.rstrip("/")
+        overrides += [f"data.train={base}/train", f"data.val={base}/val"]
+    return ExperimentConfig.from_yaml(args.config, overrides)
+
+
+def default_run_name(cfg: ExperimentConfig) -> str:
+    return f"{cfg.name}-{cfg.data.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+@dataclass
+class JobPlan:
+    """What the driver hands to the trainer: a checked config and where things go."""
+
+    cfg: ExperimentConfig
+    storage: str
+    name: str
+    experiment: str
+    register_as: str | None
+    num_train: int = 0
+    num_val: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def selection_metric(self) -> str:
+        """The key Ray ranks checkpoints by (and the registry compares)."""
+        return self.cfg.train.selection_metric or SELECTION_KEY
+
+    @property
+    def run_uri(self) -> str:
+        return f"{self.storage.rstrip('/')}/{self.name}"
+
+
+def prepare(args: argparse.Namespace) -> JobPlan:
+    """Config + preflight. Raises PreflightError (exit 2) on any bad input."""
+    try:
+        cfg = load_config(args)
+    except ConfigError as err:
+        raise config_error(err) from None
+    if args.name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", args.name):
+        raise PreflightError(f"--name {args.name!r}: use letters, digits, '.', '_' and '-' only")
+    shape = check_data(cfg)
+    notes = []
+    # The model's input widths follow the shards' feature sets: a config cannot disagree.
+    if (cfg.model.video_dim, cfg.model.text_dim) != (shape.video_dim, shape.text_dim):
+        notes.append(f"model input dims set from the shards: video {shape.video_dim}, "
+                     f"text {shape.text_dim}")
+    cfg.model.video_dim, cfg.model.text_dim = shape.video_dim, shape.text_dim
+    cfg.data.clip_len = shape.clip_len
+    cfg.validate(str(args.config))
+    check_storage(args.storage)
+    check_tracking()
+    name = args.name or default_run_name(cfg)
+    return JobPlan(cfg=cfg, storage=args.storage, name=name,
+                   experiment=args.experiment or cfg.name, register_as=args.register_as,
+                   num_train=shape.num_train, num_val=shape.num_val, notes=notes)
+
+
+# ---- metric names ----------------------------------------------------------------------------
+def metric_key(name: str) -> str:
+    """A brief-metric name MLflow accepts ('@' is not allowed): MR-full-R1@0.5 -> MR-full-R1_at_0.5.
+    The same key is used in Ray's reports, so the selection attribute is one name everywhere."""
+    return name.replace("@", "_at_")
+
+
+def eval_metrics(result: dict[str, Any]) -> dict[str, float]:
+    """Flat {name: value} of an engine.evaluate result: val losses, brief metrics, selection."""
+    out = {k: float(v) for k, v in result.items() if k.startswith("val_")}
+    for k, v in (result.get("metrics") or {}).get("brief", {}).items():
+        out[metric_key(k)] = float(v)
+    out[SELECTION_KEY] = float(result.get("selection", float("-inf")))
+    return out
+
+
+def finite(metrics: dict[str, float]) -> dict[str, float]:
+    return {k: v for k, v in metrics.items() if isinstance(v, int | float) and math.isfinite(v)}
+
+
+# ---- the worker loop -------------------------------------------------------------------------
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": [name, keys.tolist(), pos, has_gauss, cached]}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(tuple(state["python"][:1]) + (tuple(state["python"][1]),)
+                    + tuple(state["python"][2:]))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+def fault_marker(run_uri: str, step: int) -> str:
+    return f"{run_uri}/fault_injected_at_step_{step}"
+
+
+def maybe_inject_fault(run_uri: str, step: int, fail_at: int, rank: int, world: int) -> None:
+    """Fault injection for tests: one rank dies hard, once per run, at global step `fail_at`.
+
+    The marker lives in the run's storage, so the replacement worker group (and a resubmitted
+    job) sees that the fault already happened.
+    """
+    from vl.data.shards import exists, write_bytes
+
+    if fail_at < 0 or step != fail_at or rank != min(1, world - 1):
+        return
+    marker = fault_marker(run_uri, step)
+    if exists(marker):
+        return
+    write_bytes(marker, f"rank {rank} exited at global step {step}\n".encode())
+    say(f"[fault injection] rank {rank} exits at global step {step}")
+    # Ray's controller collects reports by polling the workers (every 2 s): a crash right after
+    # a report can lose it, and its checkpoint with it. Waiting out one poll makes the injected
+    # crash resume from the latest reported checkpoint every time, which is what tests assert.
+    time.sleep(FAULT_GRACE_S)
+    os._exit(1)
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """One Ray Train worker: data for its rank, DDP model, vl.engine epochs, report per epoch."""
+    import ray.train
+    import ray.train.torch
+
+    from vl.data.dataset import make_loader, read_annotations
+    from vl.engine import build_optimizer, evaluate, train_one_epoch, unwrap
+    from vl.losses import build_criterion
+    from vl.model import build_model
+
+    cfg = ExperimentConfig.from_dict(loop_config["config"], source="train_loop_config")
+    t, d = cfg.train, cfg.data
+    run_id: str = loop_config["run_id"]
+    run_uri: str = loop_config["run_uri"]
+    selection_metric: str = loop_config["selection_metric"]
+    quiet_ray_train_reports()
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, int(t.cpus_per_worker)))
+    device = ray.train.torch.get_device()
+    is_chief = rank == 0
+
+    seed_everything(t.seed)  # same initial weights on every rank (DDP also broadcasts them)
+    model = build_model(cfg.model)
+    criterion = build_criterion(cfg.loss)
+    optimizer, scheduler = build_optimizer(model, t)
+    start_epoch, global_step = 0, 0
+    history: dict[str, list[tuple[int, float]]] = {}
+    best = {"epoch": -1, "value": float("-inf")}
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as ckpt_dir:
+            state = torch.load(Path(ckpt_dir) / STATE_FILE, map_location="cpu",
+                               weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, global_step = state["epoch"] + 1, state["global_step"]
+        history, best = state["history"], state["best"]
+        set_rng_state(state["rng"])
+        if is_chief:
+            say(f"resuming from the checkpoint of epoch {state['epoch'] + 1} (global step "
+                f"{global_step}); continuing with epoch {start_epoch + 1}/{t.epochs}")
+    model = ray.train.torch.prepare_model(model)
+    criterion.to(device)
+
+    loader_kwargs = dict(max_v_l=d.max_v_l, max_q_l=d.max_q_l, max_windows=d.max_windows,
+                         video_features=d.video_features, text_features=d.text_features,
+                         domain=d.tvsum_domain or None, buffer_size=d.shuffle_buffer)
+    train_loader = make_loader(d.train, d.batch_size, rank=rank, world_size=world, shuffle=True,
+                               seed=t.seed, num_workers=d.num_workers, equal_per_rank=True,
+                               **loader_kwargs)
+    if is_chief:
+        val_loader = make_loader(d.val, d.eval_batch_size, shuffle=False, seed=t.seed,
+                                 num_workers=d.num_workers, **loader_kwargs)
+        ground_truth = read_annotations(d.val)
+        if d.tvsum_domain:
+            ground_truth = [g for g in ground_truth if g.get("domain") == d.tvsum_domain]
+        tracker = Tracker(run_id, cfg)
+
+    epoch_times: list[float] = []
+    for epoch in range(start_epoch, t.epochs):
+        train_loader.dataset.set_epoch(epoch)
+        steps_before = global_step
+
+        def on_step(step: int, _info: dict[str, float], base: int = steps_before) -> None:
+            maybe_inject_fault(run_uri, base + step, t.fail_at_step, rank, world)
+
+        stats = train_one_epoch(model, criterion, train_loader, optimizer, epoch, device=device,
+                                grad_clip=t.grad_clip, bf16=t.bf16, on_step=on_step)
+        scheduler.step()
+        global_step += int(stats["steps"])
+        train = mean_over_ranks(stats, world, device)
+        epoch_times.append(stats["epoch_seconds"])
+        metrics: dict[str, float] = {"epoch": epoch, "global_step": global_step,
+                                     "lr": stats["lr"], "epoch_seconds": stats["epoch_seconds"],
+                                     "samples_per_s": stats["samples_per_s"] * world,
+                                     **{f"train_{k}": v for k, v in train.items()}}
+        is_eval = (epoch + 1) % t.eval_every == 0 or epoch == t.epochs - 1
+        if not is_eval:
+            ray.train.report(metrics)  # a barrier: every rank reports every epoch
+            if is_chief:
+                tracker.log_epoch(epoch, metrics, history)
+                progress(epoch, t.epochs, metrics, epoch_times)
+            continue
+        with tempfile.TemporaryDirectory(prefix="vl-ckpt-") as tmp:
+            ckpt = None
+            if is_chief:
+                result, rows = evaluate(unwrap(model), criterion, val_loader, dataset=d.dataset,
+                                        ground_truth=ground_truth, device=device, epoch=epoch,
+                                        bf16=t.bf16)
+                metrics.update(eval_metrics(result))
+                value = metrics.get(selection_metric, float("-inf"))
+                if value > best["value"] or best["epoch"] < 0:
+                    best = {"epoch": epoch, "value": value}
+                tracker.log_epoch(epoch, metrics, history)
+                tracker.log_eval(epoch, history, rows, ground_truth, d.clip_len)
+                write_checkpoint(Path(tmp), cfg, model, optimizer, scheduler, epoch, global_step,
+                                 history, best, run_id, metrics, rows)
+                ckpt = ray.train.Checkpoint.from_directory(tmp)
+                progress(epoch, t.epochs, metrics, epoch_times, selection_metric)
+            ray.train.report(metrics, checkpoint=ckpt)
+
+
+def quiet_ray_train_reports() -> None:
+    """Ray Train logs every report with its full metrics dict at INFO (two ~2 kB lines per
+    epoch); keep the job log to our one progress line per epoch."""
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+    except ImportError:  # another Ray layout: keep its logging as it is
+        return
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+
+
+def say(line: str) -> None:
+    """Print one line to the job log. Ray Train patches `print` in workers to log *and* echo
+    (every line twice); writing to stdout directly prints it once."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def mean_over_ranks(stats: dict[str, float], world: int, device: torch.device) -> dict[str, float]:
+    """Loss terms averaged over the ranks (each rank saw a different part of the data)."""
+    keys = sorted(k for k in stats if k == "loss" or k.startswith("loss_"))
+    values = torch.tensor([stats[k] for k in keys], dtype=torch.float64, device=device)
+    if world > 1 and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(values)
+        values /= world
+    return dict(zip(keys, values.tolist(), strict=True))
+
+
+def write_checkpoint(
+    directory: Path, cfg: ExperimentConfig, model: torch.nn.Module, optimizer, scheduler,
+    epoch: int, global_step: int, history: dict, best: dict, run_id: str,
+    metrics: dict[str, float], rows: list[dict[str, Any]],
+) -> None:
+    """Full training state for resume, the slim model file for the registry, and this
+    evaluation's metrics and predictions (so the best checkpoint carries its own evidence)."""
+    from vl.engine import unwrap
+
+    weights = {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
+    torch.save({"model": weights, "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "epoch": epoch, "global_step": global_step,
+                "config": cfg.to_dict(), "rng": rng_state(), "history": history, "best": best,
+                "run_id": run_id}, directory / STATE_FILE)
+    torch.save({"model": weights, "config": cfg.to_dict(), "epoch": epoch}, directory / MODEL_FILE)
+    (directory / METRICS_FILE).write_text(json.dumps(finite(metrics), indent=1, sort_keys=True))
+    with open(directory / PREDICTIONS_FILE, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+def progress(epoch: int, epochs: int, metrics: dict[str, float], epoch_times: list[float],
+             selection_metric: str | None = None) -> None:
+    """One readable line per epoch on rank 0 (Ray forwards it to the job log)."""
+    recent = epoch_times[-5:]
+    eta = (epochs - epoch - 1) * sum(recent) / len(recent)
+    terms = " ".join(f"{k[len('train_loss_'):]}={v:.3g}" for k, v in sorted(metrics.items())
+                     if k.startswith("train_loss_"))
+    line = (f"epoch {epoch + 1}/{epochs} loss {metrics['train_loss']:.4f} [{terms}] "
+            f"{metrics['samples_per_s']:.1f} samples/s {metrics['epoch_seconds']:.1f} s "
+            f"ETA {eta / 60:.1f} min")
+    if selection_metric is not None:
+        r1 = metrics.get(metric_key("MR-full-R1@0.5"))
+        line += f" | eval {selection_metric}={metrics.get(selection_metric, float('nan')):.2f}"
+        if r1 is not None:
+            line += f" R1@0.5={r1:.2f}"
+        if "mAP" in metrics:
+            line += f" mAP={metrics['mAP']:.2f}"
+    say(line)
+
+
+class Tracker:
+    """Rank 0's MLflow logging into the run the driver opened (by id: no active-run state)."""
+
+    def __init__(self, run_id: str, cfg: ExperimentConfig) -> None:
+        self.run_id = run_id
+        self.cfg = cfg
+
+    def log_epoch(self, epoch: int, metrics: dict[str, float], history: dict) -> None:
+        tracking = tracking_module()
+        values = finite({k: v for k, v in metrics.items() if k not in ("epoch",)})
+        for k, v in values.items():
+            history.setdefault(k, []).append((epoch, v))
+        tracking.log_epoch(self.run_id, epoch, values)
+
+    def log_eval(self, epoch: int, history: dict, rows: list[dict], ground_truth: list[dict],
+                 clip_len: float) -> None:
+        """Curves and saliency examples, replaced at every evaluation (the latest is kept)."""
+        tracking = tracking_module()
+        curves = {k: v for k, v in history.items()
+                  if "loss" in k or k in (SELECTION_KEY, metric_key("MR-full-R1@0.5"), "mAP")}
+        tracking.log_figure(self.run_id, tracking.plot_curves(curves), "curves")
+        if self.cfg.data.dataset != "tvsum" and rows:
+            fig = tracking.plot_saliency_examples(rows, ground_truth, n=4, clip_len=clip_len)
+            tracking.log_figure(self.run_id, fig, "saliency_examples")
+
+
+# ---- the driver ------------------------------------------------------------------------------
+def build_trainer(plan: JobPlan, run_id: str, use_gpu: bool):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    t = plan.cfg.train
+    storage_path = plan.storage
+    if "://" not in storage_path:
+        storage_path = os.path.abspath(storage_path)
+    resources = {"CPU": t.cpus_per_worker}
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": plan.cfg.to_dict(), "run_id": run_id,
+                           "run_uri": plan.run_uri, "selection_metric": plan.selection_metric},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(
+            name=plan.name,
+            storage_path=storage_path,
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=t.keep_checkpoints,
+                checkpoint_score_attribute=plan.selection_metric,
+                checkpoint_score_order="max",
+            ),
+            failure_config=FailureConfig(max_failures=t.max_failures),
+        ),
+    )
+
+
+def cluster_has_gpus() -> bool:
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def best_checkpoint(result, selection_metric: str):
+    """(checkpoint, metrics) with the highest selection value among the kept checkpoints."""
+    candidates = [(c, m) for c, m in (result.best_checkpoints or []) if selection_metric in m]
+    if not candidates:
+        return (result.checkpoint, result.metrics or {}) if result.checkpoint else (None, {})
+    return max(candidates, key=lambda cm: (cm[1][selection_metric], cm[1].get("epoch", -1)))
+
+
+def finalize(plan: JobPlan, run_id: str, result) -> dict[str, Any]:
+    """Final metrics and best predictions into the run; register the best checkpoint."""
+    from mlflow.tracking import MlflowClient
+
+    tracking = tracking_module()
+    # save_model warns that a PythonModel object is cloudpickled: it is our own class, on purpose
+    logging.getLogger("mlflow.pyfunc").setLevel(logging.ERROR)
+    ckpt, metrics = best_checkpoint(result, plan.selection_metric)
+    summary: dict[str, Any] = {"run_name": plan.name, "mlflow_run_id": run_id,
+                               "checkpoints": plan.run_uri}
+    if ckpt is None:
+        return summary
+    client = MlflowClient()
+    with ckpt.as_directory() as ckpt_dir:
+        ckpt_dir = Path(ckpt_dir)
+        best_metrics = json.loads((ckpt_dir / METRICS_FILE).read_text())
+        final = {"best_epoch": int(best_metrics.get("epoch", -1)),
+                 "selection_metric": plan.selection_metric,
+                 "selection": best_metrics.get(plan.selection_metric),
+                 "best_checkpoint": ckpt.path, "metrics": best_metrics,
+                 "last_epoch_metrics": finite(result.metrics or {})}
+        client.log_dict(run_id, final, "metrics/final_metrics.json")
+        client.log_artifact(run_id, str(ckpt_dir / PREDICTIONS_FILE), "predictions")
+        client.log_metric(run_id, "best_" + SELECTION_KEY,
+                          float(best_metrics.get(plan.selection_metric, float("nan"))))
+        summary.update(best_epoch=final["best_epoch"], selection=final["selection"],
+                       best_checkpoint=ckpt.path,
+                       metrics={k: best_metrics[k] for k in sorted(best_metrics)
+                                if not k.startswith(("train_", "val_"))})
+        if plan.register_as:
+            version, champion = tracking.log_and_register_model(
+                run_id, ckpt_dir / MODEL_FILE, plan.register_as, plan.selection_metric,
+                float(best_metrics.get(plan.selection_metric, float("-inf"))))
+            summary.update(registered_model=plan.register_as, version=version,
+                           champion=champion)
+    return summary
+
+
+def run(plan: JobPlan) -> dict[str, Any]:
+    """Open the MLflow run, train under Ray, finalize. Raises on a failed training."""
+    import ray
+    from mlflow.tracking import MlflowClient
+    from ray.train import TrainingFailedError
+
+    tracking = tracking_module()
+    run_id = tracking.start_or_resume_run(plan.experiment, plan.name)
+    tracking.log_params(run_id, {**plan.cfg.to_dict(), "job": {
+        "storage": plan.storage, "run_name": plan.name, "selection_metric": plan.selection_metric,
+        "num_train": plan.num_train, "num_val": plan.num_val}})
+    MlflowClient().set_tag(run_id, "vl.checkpoints", plan.run_uri)
+    for note in plan.notes:
+        print(f"note: {note}", flush=True)
+    print(f"run {plan.name}: MLflow run {run_id} (experiment {plan.experiment!r}), "
+          f"checkpoints under {plan.run_uri}, {plan.num_train} train / {plan.num_val} val "
+          f"samples, {plan.cfg.train.num_workers} workers", flush=True)
+    if not ray.is_initialized():
+        ray.init(log_to_driver=True)
+    use_gpu = plan.cfg.train.use_gpu and cluster_has_gpus()
+    if plan.cfg.train.use_gpu and not use_gpu:
+        print("note: the config asks for GPU workers but the cluster has no GPU; "
+              "training on CPU (gloo)", flush=True)
+    try:
+        result = build_trainer(plan, run_id, use_gpu).fit()
+    except (TrainingFailedError, KeyboardInterrupt):
+        tracking.finish_run(run_id, "FAILED")
+        raise
+    if result.error is not None:
+        tracking.finish_run(run_id, "FAILED")
+        raise result.error
+    summary = finalize(plan, run_id, result)
+    tracking.finish_run(run_id, "FINISHED")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        plan = prepare(args)
+    except PreflightError as err:
+        print(f"jobs.train: {err}", file=sys.stderr, flush=True)
+        return EXIT_BAD_INPUT
+    summary = run(plan)
+    print("RESULT " + json.dumps(summary, sort_keys=True, default=str), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,285 @@
+"""jobs.train against the real local stack: ray job submit, stop and resubmit, a killed worker,
+the registry, and bad input failing fast before any worker starts.
+
+One small synthetic QVHighlights-shaped dataset (tiny dims) is sharded to S3 once per module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from cluster.local.common import wait_for
+from vl.data.synthetic import SyntheticConfig, generate
+
+REPO = Path(__file__).resolve().parents[1]
+DIMS = {"slowfast": 8, "clip": 8}
+EXCLUDES = [".venv", ".git", ".local-stack", "**/__pycache__", ".pytest_cache", "*.egg-info",
+            ".ruff_cache", "*.db"]
+FAST = ["--set", "train.eval_every=1", "--set", "data.batch_size=8", "--set",
+        "data.eval_batch_size=32"]
+
+pytestmark = pytest.mark.integration
+
+
+def _uid() -> str:
+    return uuid.uuid4().hex[:8]
+
+
+@pytest.fixture(scope="module")
+def stack_env(local_stack_env: dict[str, str]) -> dict[str, str]:
+    """The client environment, plus the venv's bin on PATH (for the `ray` CLI)."""
+    env = {**os.environ, **local_stack_env}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.pop("PYTEST_CURRENT_TEST", None)
+    return env
+
+
+@pytest.fixture(scope="module")
+def shards(stack_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> str:
+    """s3://vl-data/test_train_job/<uid> holding train/ (48 queries) and val/ (16 queries)."""
+    from jobs.shard import run as shard_run
+
+    layout = generate(
+        SyntheticConfig("qvhighlights", videos=32, seed=3, dims=DIMS,
+                        video_sets=("slowfast", "clip"), text_sets=("clip",), val_fraction=0.25),
+        tmp_path_factory.mktemp("synthetic"),
+    )
+    prefix = f"s3://vl-data/test_train_job/{_uid()}"
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in stack_env.items():
+            mp.setenv(key, value)
+        for split, jsonl in (("train", layout.train_jsonl), ("val", layout.val_jsonl)):
+            shard_run(dataset="qvhighlights", annotations=str(jsonl),
+                      video_features=layout.video_arg(), text_features=layout.text_arg(),
+                      out=f"{prefix}/{split}", rows_per_shard=12, ray_mode="off",
+                      log=lambda *_: None)
+    return prefix
+
+
+def _entrypoint(*args: str) -> list[str]:
+    # The local head's PATH may not hold the venv: name its interpreter explicitly.
+    return [sys.executable, "-m", "jobs.train", "--config", "configs/smoke.yaml", *args]
+
+
+def _ray_job(env: dict[str, str], *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "job", *args],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _submit(env: dict[str, str], submission_id: str, entrypoint: list[str], wait: bool = True,
+            timeout: float = 240) -> subprocess.CompletedProcess:
+    runtime_env = json.dumps({"excludes": EXCLUDES})
+    return _ray_job(env, "submit", "--address", env["RAY_ADDRESS"], "--submission-id",
+                    submission_id, "--working-dir", ".", "--entrypoint-num-cpus", "0",
+                    "--runtime-env-json", runtime_env, *([] if wait else ["--no-wait"]), "--",
+                    *entrypoint, timeout=timeout)
+
+
+def _s3(env: dict[str, str]):
+    import s3fs
+
+    return s3fs.S3FileSystem(endpoint_url=env["AWS_ENDPOINT_URL"], key=env["AWS_ACCESS_KEY_ID"],
+                             secret=env["AWS_SECRET_ACCESS_KEY"], skip_instance_cache=True)
+
+
+def _checkpoints(env: dict[str, str], run_path: str) -> list[str]:
+    fs = _s3(env)
+    if not fs.exists(run_path):
+        return []
+    return sorted(p for p in fs.ls(run_path, refresh=True)
+                  if Path(p).name.startswith("checkpoint_") and fs.exists(f"{p}/state.pt"))
+
+
+def _runs(experiment: str, name: str):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    exp = client.get_experiment_by_name(experiment)
+    assert exp is not None, f"no MLflow experiment {experiment!r}"
+    return client.search_runs([exp.experiment_id], filter_string=f"tags.`vl.run_name` = '{name}'")
+
+
+def test_submit_stop_resubmit_register_and_predict(shards, stack_env, mlflow_env, tmp_path,
+                                                   monkeypatch):
+    """The product path: ray job submit; `ray job stop` after the first checkpoint; resubmit
+    with the same name -> it resumes (first epoch > 1), ONE MLflow run holds every epoch, the
+    best checkpoint is registered as champion and the pyfunc loads and predicts."""
+    import mlflow.pyfunc
+    from mlflow.tracking import MlflowClient
+
+    name, model_name = f"e2e-{_uid()}", f"vl-test-{_uid()}"
+    storage = "s3://vl-runs/test_train_job"
+    epochs = 8
+    entry = _entrypoint("--data", shards, "--storage", storage, "--name", name,
+                        "--register-as", model_name, "--set", f"train.epochs={epochs}", *FAST)
+    first = f"{name}-a"
+    started = _submit(stack_env, first, entry, wait=False)
+    assert started.returncode == 0, started.stderr[-3000:]
+    run_path = f"vl-runs/test_train_job/{name}"
+    # The job API client in-process: stopping must come right after the first checkpoint (a
+    # `ray job stop` subprocess takes seconds to import on a loaded machine).
+    for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.setenv(key, stack_env[key])
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    jobs = JobSubmissionClient(stack_env["RAY_ADDRESS"])
+    try:
+        wait_for(lambda: bool(_checkpoints(stack_env, run_path)), 180, "first checkpoint",
+                 poll_s=0.2)
+    finally:
+        jobs.stop_job(first)
+    wait_for(lambda: jobs.get_job_status(first).is_terminal(), 60, "the stopped job")
+    assert jobs.get_job_status(first) == JobStatus.STOPPED
+
+    done = _submit(stack_env, f"{name}-b", entry)
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-5000:]
+    resumed = [line for line in log.splitlines() if "continuing with epoch" in line]
+    assert resumed, log[-5000:]
+    first_epoch = int(resumed[0].split("continuing with epoch ")[1].split("/")[0])
+    assert 1 < first_epoch <= epochs  # it did not start over
+    assert f"epoch {epochs}/{epochs}" in log
+
+    # Checkpoints on S3 (the stopped job's may stay beside the resumed job's best two): the
+    # newest is the last epoch's and carries its evaluation.
+    kept = _checkpoints(stack_env, run_path)
+    assert kept
+    newest = json.loads(_s3(stack_env).cat_file(f"{kept[-1]}/metrics.json"))
+    assert newest["epoch"] == epochs - 1 and "MR-full-R1_at_0.5" in newest
+
+    # One MLflow run, FINISHED, with every epoch's metrics and the artifacts.
+    runs = _runs("videolights-smoke", name)
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    client = MlflowClient()
+    history = client.get_metric_history(run.info.run_id, "train_loss")
+    assert sorted({m.step for m in history}) == list(range(epochs))
+    assert {m.step for m in client.get_metric_history(run.info.run_id, "MR-full-R1_at_0.5")} \
+        == set(range(epochs))
+    for key in ("train_loss_span", "train_loss_saliency", "lr", "samples_per_s", "val_loss"):
+        assert key in run.data.metrics, key
+    assert run.data.params["model.hidden_dim"] == "32"
+    assert not any("secret" in k.lower() or "SECRET" in v for k, v in run.data.params.items())
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert {"plots/curves.png", "plots/saliency_examples.png"} <= artifacts
+    final = json.loads(Path(client.download_artifacts(
+        run.info.run_id, "metrics/final_metrics.json", str(tmp_path))).read_text())
+    assert final["selection_metric"] == "MR-full-R1_at_0.5"
+    preds = client.download_artifacts(run.info.run_id, "predictions/val_predictions.jsonl",
+                                       str(tmp_path))
+    rows = [json.loads(line) for line in Path(preds).read_text().splitlines()]
+    assert len(rows) == 16 and all(len(r["pred_relevant_windows"]) == 5 for r in rows)
+
+    # The registry: version 1 is the champion; its pyfunc predicts on the held-out shards.
+    version = client.get_model_version_by_alias(model_name, "champion")
+    assert version.version == "1" and version.run_id == run.info.run_id
+    from jobs.predict import main as predict_main
+    from jobs.predict import shard_inputs
+
+    model = mlflow.pyfunc.load_model(f"models:/{model_name}@champion")
+    inputs, _ = shard_inputs(f"{shards}/val", model.unwrap_python_model().cfg)
+    out = model.predict(inputs)
+    assert len(out) == 16 and {r["qid"] for r in out} == {r["qid"] for r in rows}
+    pred_file = tmp_path / "pred.jsonl"
+    assert predict_main(["--model", f"models:/{model_name}@champion", "--data", f"{shards}/val",
+                         "--out", str(pred_file), "--gt"]) == 0
+    assert len(pred_file.read_text().splitlines()) == 16
+
+
+def test_killed_worker_is_replaced_and_training_resumes(shards, stack_env, mlflow_env):
+    """train.fail_at_step: rank 1 exits hard once mid-epoch; Ray restarts the group from the
+    latest checkpoint and the job still succeeds with every epoch and one MLflow run."""
+    name = f"fault-{_uid()}"
+    epochs = 3
+    # 48 train queries, 2 ranks, batch 8 -> 3 steps per epoch: step 5 is inside epoch 2.
+    entry = _entrypoint("--data", shards, "--storage", "s3://vl-runs/test_train_job",
+                        "--name", name, "--set", f"train.epochs={epochs}",
+                        "--set", "train.fail_at_step=5", *FAST)
+    done = _submit(stack_env, name, entry)
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-5000:]
+    assert "[fault injection] rank 1 exits at global step 5" in log
+    resumed = [line for line in log.splitlines() if "continuing with epoch" in line]
+    assert resumed and "continuing with epoch 2/3" in resumed[0], log[-5000:]
+    runs = _runs("videolights-smoke", name)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    from mlflow.tracking import MlflowClient
+
+    history = MlflowClient().get_metric_history(runs[0].info.run_id, "train_loss")
+    assert sorted({m.step for m in history}) == list(range(epochs))
+    # the failed attempt reached epoch 2 but died before logging it: each epoch logged once
+    assert len(history) == epochs
+
+
+# ---- bad input fails fast, before any worker (no Ray needed) --------------------------------
+def _train_main(argv: list[str], capsys) -> tuple[int, str]:
+    import ray
+
+    from jobs.train import main
+
+    code = main(argv)
+    assert not ray.is_initialized()  # nothing Ray was started
+    return code, capsys.readouterr().err
+
+
+def test_missing_shard_prefix_fails_fast(s3_env, mlflow_env, capsys):
+    t0 = time.monotonic()
+    code, err = _train_main(["--config", "configs/smoke.yaml", "--data",
+                             "s3://vl-data/test_train_job/does-not-exist"], capsys)
+    assert code == 2
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "no shard manifest at s3://vl-data/test_train_job/does-not-exist/train" in err
+    assert "jobs.shard" in err
+    assert time.monotonic() - t0 < 30
+
+
+def test_missing_storage_bucket_fails_fast(shards, stack_env, mlflow_env, capsys):
+    code, err = _train_main(["--config", "configs/smoke.yaml", "--data", shards,
+                             "--storage", "s3://no-such-bucket-vl/runs"], capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert "bucket 'no-such-bucket-vl' does not exist" in err
+
+
+def test_unreachable_mlflow_fails_fast(shards, stack_env, mlflow_env, monkeypatch, capsys):
+    from cluster.local.common import free_port
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", dead)
+    code, err = _train_main(["--config", "configs/smoke.yaml", "--data", shards], capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert f"MLflow tracking server at {dead} is unreachable" in err
+    assert "MLFLOW_TRACKING_URI" in err
+
+
+def test_config_typo_fails_fast_through_the_cli(tmp_path):
+    """The real CLI: exit 2, one line naming the key and the file, no traceback."""
+    bad = tmp_path / "typo.yaml"
+    bad.write_text("preset: tiny\ntrain:\n  epoch: 3\n")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "jobs.train", "--config", str(bad), "--data",
+                           "s3://vl-data/x"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"{bad}: unknown key 'train.epoch' (did you mean 'train.epochs'?)" in lines[0]
+    assert time.monotonic() - t0 < 60
+
+
+def test_help_explains_every_option():
+    proc = subprocess.run([sys.executable, "-m", "jobs.train", "--help"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0
+    for option in ("--config", "--set", "--data", "--storage", "--name", "--register-as"):
+        assert option in proc.stdout
+    assert "resume" in proc.stdout.lower()
