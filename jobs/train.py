@@ -97,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--register-as", metavar="MODEL_NAME",
                         help="register the best checkpoint as a version of this MLflow model; "
                              "alias 'champion' moves to it only if it beats the current one")
+    parser.add_argument("--init-from", metavar="URI",
+                        help="start from these weights only (fresh optimizer and schedule): "
+                             "models:/NAME@ALIAS, runs:/..., s3://.../checkpoint or a local path; "
+                             "a resumed run continues from its own checkpoint instead")
     parser.add_argument("--experiment", metavar="NAME",
                         help="MLflow experiment (default: the config's name)")
     return parser
@@ -123,6 +127,7 @@ class JobPlan:
     name: str
     experiment: str
     register_as: str | None
+    init_from: str | None = None
     num_train: int = 0
     num_val: int = 0
     notes: list[str] = field(default_factory=list)
@@ -156,10 +161,27 @@ def prepare(args: argparse.Namespace) -> JobPlan:
     cfg.validate(str(args.config))
     check_storage(args.storage)
     check_tracking()
+    if args.init_from:
+        check_init_weights(cfg, args.init_from)
     name = args.name or default_run_name(cfg)
     return JobPlan(cfg=cfg, storage=args.storage, name=name,
                    experiment=args.experiment or cfg.name, register_as=args.register_as,
-                   num_train=shape.num_train, num_val=shape.num_val, notes=notes)
+                   init_from=args.init_from, num_train=shape.num_train,
+                   num_val=shape.num_val, notes=notes)
+
+
+def check_init_weights(cfg: ExperimentConfig, source: str) -> None:
+    """Load --init-from into a CPU copy of the model on the driver, before any worker starts,
+    so a wrong URI or a shape mismatch (which tensors) fails fast."""
+    from vl.checkpoint import CheckpointMismatchError, load_weights
+    from vl.model import build_model
+
+    try:
+        load_weights(build_model(cfg.model), source)
+    except CheckpointMismatchError as err:
+        raise PreflightError(f"--init-from {source}: {err}") from None
+    except (FileNotFoundError, ValueError, OSError) as err:
+        raise PreflightError(f"--init-from {source}: cannot load weights ({err})") from None
 
 
 # ---- metric names ----------------------------------------------------------------------------
@@ -273,6 +295,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if is_chief:
             say(f"resuming from the checkpoint of epoch {state['epoch'] + 1} (global step "
                 f"{global_step}); continuing with epoch {start_epoch + 1}/{t.epochs}")
+    elif loop_config.get("init_from"):
+        from vl.checkpoint import load_weights
+
+        load_weights(model, loop_config["init_from"])  # weights only: fresh optimizer/schedule
+        if is_chief:
+            say(f"initialised from {loop_config['init_from']} (weights only)")
     model = ray.train.torch.prepare_model(model)
     criterion.to(device)
 
@@ -441,7 +469,8 @@ def build_trainer(plan: JobPlan, run_id: str, use_gpu: bool):
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": plan.cfg.to_dict(), "run_id": run_id,
-                           "run_uri": plan.run_uri, "selection_metric": plan.selection_metric},
+                           "run_uri": plan.run_uri, "selection_metric": plan.selection_metric,
+                           "init_from": plan.init_from},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=use_gpu,
                                      resources_per_worker=resources),

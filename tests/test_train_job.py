@@ -15,6 +15,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+import torch
 
 from cluster.local.common import wait_for
 from vl.data.synthetic import SyntheticConfig, generate
@@ -283,3 +284,45 @@ def test_help_explains_every_option():
     for option in ("--config", "--set", "--data", "--storage", "--name", "--register-as"):
         assert option in proc.stdout
     assert "resume" in proc.stdout.lower()
+
+
+def _smoke_model_state(shards: str, *overrides: str) -> dict:
+    """A state_dict of the smoke model with the shards' input dims (plus overrides)."""
+    from jobs.errors import check_data
+    from vl.config import ExperimentConfig
+    from vl.model import build_model
+
+    cfg = ExperimentConfig.from_yaml("configs/smoke.yaml",
+                                     [f"data.train={shards}/train", f"data.val={shards}/val"])
+    shape = check_data(cfg)
+    cfg = ExperimentConfig.from_yaml(
+        "configs/smoke.yaml",
+        [f"model.video_dim={shape.video_dim}", f"model.text_dim={shape.text_dim}", *overrides],
+    )
+    return build_model(cfg.model).state_dict(), cfg
+
+
+def test_init_from_with_wrong_shapes_fails_fast_naming_tensors(shards, stack_env, mlflow_env,
+                                                               tmp_path, capsys):
+    state, _ = _smoke_model_state(shards, "model.dim_feedforward=48")
+    path = tmp_path / "pretrained.pt"
+    torch.save({"model": state}, path)
+    code, err = _train_main(["--config", "configs/smoke.yaml", "--data", shards,
+                             "--init-from", str(path)], capsys)
+    assert code == 2 and "Traceback" not in err
+    assert f"--init-from {path}" in err and "linear1.weight" in err
+
+
+def test_init_from_missing_source_fails_fast(shards, stack_env, mlflow_env, tmp_path, capsys):
+    code, err = _train_main(["--config", "configs/smoke.yaml", "--data", shards,
+                             "--init-from", str(tmp_path / "nope.pt")], capsys)
+    assert code == 2 and "cannot load weights" in err
+
+
+def test_init_from_compatible_weights_passes_preflight(shards, stack_env, mlflow_env, tmp_path):
+    from jobs.train import check_init_weights
+
+    state, cfg = _smoke_model_state(shards)
+    path = tmp_path / "pretrained.pt"
+    torch.save({"model": state}, path)
+    check_init_weights(cfg, str(path))  # no PreflightError
