@@ -127,11 +127,13 @@ def test_submit_stop_resubmit_register_and_predict(shards, stack_env, mlflow_env
     run_path = f"vl-runs/test_train_job/{name}"
     # The job API client in-process: stopping must come right after the first checkpoint (a
     # `ray job stop` subprocess takes seconds to import on a loaded machine).
-    for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH"):
-        monkeypatch.setenv(key, stack_env[key])
+    # The token goes in an explicit header rather than RAY_AUTH_* in this process: Ray caches
+    # its auth mode per process, and other tests in the session run Ray with auth disabled.
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    jobs = JobSubmissionClient(stack_env["RAY_ADDRESS"])
+    token = Path(stack_env["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
+    jobs = JobSubmissionClient(stack_env["RAY_ADDRESS"],
+                               headers={"Authorization": f"Bearer {token}"})
     try:
         wait_for(lambda: bool(_checkpoints(stack_env, run_path)), 180, "first checkpoint",
                  poll_s=0.2)
@@ -168,7 +170,10 @@ def test_submit_stop_resubmit_register_and_predict(shards, stack_env, mlflow_env
         == set(range(epochs))
     for key in ("train_loss_span", "train_loss_saliency", "lr", "samples_per_s", "val_loss"):
         assert key in run.data.metrics, key
-    assert run.data.params["model.hidden_dim"] == "32"
+    from vl.config import ExperimentConfig
+
+    smoke = ExperimentConfig.from_yaml("configs/smoke.yaml")
+    assert run.data.params["model.hidden_dim"] == str(smoke.model.hidden_dim)  # flattened config
     assert not any("secret" in k.lower() or "SECRET" in v for k, v in run.data.params.items())
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
     assert {"plots/curves.png", "plots/saliency_examples.png"} <= artifacts
