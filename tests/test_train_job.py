@@ -99,6 +99,23 @@ def _checkpoints(env: dict[str, str], run_path: str) -> list[str]:
                   if Path(p).name.startswith("checkpoint_") and fs.exists(f"{p}/state.pt"))
 
 
+def _registered_checkpoint(env: dict[str, str], run_path: str) -> bool:
+    """True once Ray Train has recorded a checkpoint in its manager snapshot, which is what a
+    resubmitted job resumes from. A checkpoint folder with state.pt exists a moment earlier (the
+    worker uploads it before the controller records it); stopping in that window rightly starts
+    over, so the test must wait for the record, not the folder."""
+    import json
+
+    fs = _s3(env)
+    snapshot = f"{run_path}/checkpoint_manager_snapshot.json"
+    if not fs.exists(snapshot):
+        return False
+    state = json.loads(fs.cat_file(snapshot))
+    if isinstance(state, str):  # pydantic .json() may be stored as a JSON string
+        state = json.loads(state)
+    return state.get("latest_checkpoint_result") is not None
+
+
 def _runs(experiment: str, name: str):
     from mlflow.tracking import MlflowClient
 
@@ -135,7 +152,7 @@ def test_submit_stop_resubmit_register_and_predict(shards, stack_env, mlflow_env
     jobs = JobSubmissionClient(stack_env["RAY_ADDRESS"],
                                headers={"Authorization": f"Bearer {token}"})
     try:
-        wait_for(lambda: bool(_checkpoints(stack_env, run_path)), 180, "first checkpoint",
+        wait_for(lambda: _registered_checkpoint(stack_env, run_path), 180, "first checkpoint",
                  poll_s=0.2)
     finally:
         jobs.stop_job(first)
@@ -183,7 +200,8 @@ def test_submit_stop_resubmit_register_and_predict(shards, stack_env, mlflow_env
     preds = client.download_artifacts(run.info.run_id, "predictions/val_predictions.jsonl",
                                        str(tmp_path))
     rows = [json.loads(line) for line in Path(preds).read_text().splitlines()]
-    assert len(rows) == 16 and all(len(r["pred_relevant_windows"]) == 5 for r in rows)
+    n_windows = smoke.model.num_queries  # one ranked window per decoder query
+    assert len(rows) == 16 and all(len(r["pred_relevant_windows"]) == n_windows for r in rows)
 
     # The registry: version 1 is the champion; its pyfunc predicts on the held-out shards.
     version = client.get_model_version_by_alias(model_name, "champion")

@@ -7,8 +7,9 @@ from __future__ import annotations
 import csv
 import io
 import math
-import shutil
-import tempfile
+import os
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -112,37 +113,47 @@ EPOCHS = 12
 DOMAINS = ("VT", "VU")
 
 
+def _run_search(env: dict[str, str], args: list[str], log: Path) -> int:
+    """`python -m tune.tvsum ARGS` as a user runs it: its own process and its own local Ray.
+
+    A subprocess, not main() in the test process: Ray keeps per-process state across
+    ray.init/ray.shutdown (auth mode, Data and Tune globals), and earlier tests in the session
+    start Ray in-process; a trial's actor then dies before it starts. Output goes to `log`.
+    """
+    with log.open("a") as out:
+        return subprocess.run([sys.executable, "-m", "tune.tvsum", *args], cwd=REPO, env=env,
+                              stdout=out, stderr=subprocess.STDOUT, timeout=900).returncode
+
+
 @pytest.fixture(scope="module")
-def search(s3_server, mlflow_server):
+def search(s3_server, mlflow_server, tmp_path_factory):
     """Runs the smoke search twice: interrupted (Ctrl-C after 2 trials), then resumed.
 
     Returns what both phases saw. Everything lives under a fresh name, so reruns of the test
     module never resume an older search.
     """
     import mlflow
-    import ray
     from mlflow.tracking import MlflowClient
 
     from cluster.local.common import NO_TELEMETRY_ENV
     from jobs.shard import run as shard
-    from tune.tvsum import main
     from vl.data.synthetic import TINY_DIMS, SyntheticConfig, generate
 
     tag = uuid.uuid4().hex[:8]
-    raw = Path(tempfile.mkdtemp(prefix="vl-tune-raw-"))
-    ray_tmp = tempfile.mkdtemp(prefix="vltt", dir="/tmp")  # AF_UNIX paths must stay short
+    raw = tmp_path_factory.mktemp("tune-raw")
+    log = tmp_path_factory.mktemp("tune-log") / "search.log"
+    env = {**os.environ, **NO_TELEMETRY_ENV, **s3_server.env(), **mlflow_server.env(),
+           "RAY_AUTH_MODE": "disabled"}
+    for key in ("RAY_ADDRESS", "VL_TUNE_FAULT", "PYTEST_CURRENT_TEST"):
+        env.pop(key, None)
+    layout = generate(SyntheticConfig(
+        "tvsum", videos=5, seed=1, dims=dict(TINY_DIMS), video_sets=("i3d",),
+        text_sets=("clip",), tvsum_domain_concepts=True), raw)  # fmt: skip
+    data = f"s3://vl-data/test_tune_tvsum/{tag}"
     with pytest.MonkeyPatch.context() as mp:
-        for key, value in {**NO_TELEMETRY_ENV, **s3_server.env(), **mlflow_server.env()}.items():
+        for key, value in {**s3_server.env(), **mlflow_server.env()}.items():
             mp.setenv(key, value)
-        mp.setenv("RAY_AUTH_MODE", "disabled")
-        mp.setenv("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-        mp.delenv("RAY_ADDRESS", raising=False)
-        mp.delenv("VL_TUNE_FAULT", raising=False)
         mlflow.set_tracking_uri(mlflow_server.env()["MLFLOW_TRACKING_URI"])
-        layout = generate(SyntheticConfig(
-            "tvsum", videos=5, seed=1, dims=dict(TINY_DIMS), video_sets=("i3d",),
-            text_sets=("clip",), tvsum_domain_concepts=True), raw)  # fmt: skip
-        data = f"s3://vl-data/test_tune_tvsum/{tag}"
         for split, jsonl in (("train", layout.train_jsonl), ("val", layout.val_jsonl)):
             shard(dataset="tvsum", annotations=str(jsonl), video_features=layout.video_arg(),
                   text_features=layout.text_arg(), out=f"{data}/{split}", ray_mode="off",
@@ -156,27 +167,22 @@ def search(s3_server, mlflow_server):
             "--name", "smoke", "--experiment", experiment,
             "--registered-prefix", f"test-tvsum-{tag}",
         ]  # fmt: skip
-        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=300 * 2**20,
-                 _temp_dir=ray_tmp, log_to_driver=False)  # fmt: skip
-        try:
-            first_rc = main([*args, "--interrupt-after-trials", "2"])
-            client = MlflowClient()
-            exp_id = client.get_experiment_by_name(experiment).experiment_id
-            before = {r.info.run_id: r for r in client.search_runs([exp_id], max_results=500)}
-            history_before = {
-                rid: len(client.get_metric_history(rid, "top5_map")) for rid in before
-            }
-            second_rc = main(args)
-        finally:
-            ray.shutdown()
-            shutil.rmtree(ray_tmp, ignore_errors=True)
+        first_rc = _run_search(env, [*args, "--interrupt-after-trials", "2"], log)
+        client = MlflowClient(mlflow_server.env()["MLFLOW_TRACKING_URI"])
+        exp = client.get_experiment_by_name(experiment)
+        assert exp is not None, log.read_text()[-5000:]
+        exp_id = exp.experiment_id
+        before = {r.info.run_id: r for r in client.search_runs([exp_id], max_results=500)}
+        history_before = {
+            rid: len(client.get_metric_history(rid, "top5_map")) for rid in before
+        }
+        second_rc = _run_search(env, args, log)
         runs = client.search_runs([exp_id], max_results=500)
         yield {
             "first_rc": first_rc, "second_rc": second_rc, "before": before,
             "history_before": history_before, "runs": runs, "client": client,
-            "tag": tag, "data": data, "exp_id": exp_id,
+            "tag": tag, "data": data, "exp_id": exp_id, "log": log,
         }  # fmt: skip
-    shutil.rmtree(raw, ignore_errors=True)
 
 
 def _parents(runs):
@@ -190,7 +196,8 @@ def _children(runs, parent_id):
 
 @pytest.mark.integration
 def test_parent_and_child_runs_hold_the_trials(search):
-    assert search["first_rc"] == 130 and search["second_rc"] == 0
+    assert (search["first_rc"], search["second_rc"]) == (130, 0), \
+        search["log"].read_text()[-5000:]
     runs = search["runs"]
     parents = _parents(runs)
     assert sorted(parents) == sorted(DOMAINS)
