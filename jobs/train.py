@@ -274,8 +274,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     is_chief = rank == 0
 
     seed_everything(t.seed)  # same initial weights on every rank (DDP also broadcasts them)
-    model = build_model(cfg.model)
-    criterion = build_criterion(cfg.loss)
+    # On the device before the optimizer exists: a resumed optimizer state is then loaded next to
+    # its parameters (AdamW's state would otherwise stay on the CPU under GPU parameters).
+    model = build_model(cfg.model).to(device)
+    criterion = build_criterion(cfg.loss, world_size=world)
     optimizer, scheduler = build_optimizer(model, t)
     start_epoch, global_step = 0, 0
     history: dict[str, list[tuple[int, float]]] = {}
