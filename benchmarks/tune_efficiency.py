@@ -51,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-samples", type=int, default=10)
     p.add_argument("--grace-fraction", type=float, default=0.25,
                    help="ASHA's first rung as a fraction of the epochs")
+    p.add_argument("--random-start", action="store_true",
+                   help="optuna starts from random draws instead of the box corners")
     p.add_argument("--reduction-factor", type=float, default=3.0,
                    help="ASHA keeps the top 1/FACTOR of the trials at each rung")
     p.add_argument("--seed", type=int, default=3)
@@ -84,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
                 search=search, scheduler=scheduler, num_samples=samples, experiment=None,
                 storage=str(work / "tune"), name=f"bench-{search}", log=lambda *_: None,
                 grace_fraction=args.grace_fraction, reduction_factor=args.reduction_factor,
+                corner_start=not args.random_start,
             )  # fmt: skip
             results[search] = run_search(spec)
             seconds[search] = round(time.perf_counter() - start, 1)
@@ -115,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         "search_trials_per_domain": args.num_samples,
         "asha_grace_fraction": args.grace_fraction,
         "asha_reduction_factor": args.reduction_factor,
+        "corner_start": not args.random_start,
         "epochs_per_trial": args.epochs,
         "seconds": seconds,
     }))  # fmt: skip

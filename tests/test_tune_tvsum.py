@@ -317,3 +317,21 @@ def test_unknown_features_and_missing_data_are_clear_errors(capsys):
     with pytest.raises(SystemExit):
         main(["--config", str(SMOKE), "--features", "c3d"])
 
+
+
+def test_sampled_search_starts_at_the_box_corners_then_samples_inside():
+    corners = space.corner_start()
+    assert {(c["scsl"], c["al"]) for c in corners} == {(1.0, 0.1), (1.0, 0.8), (10.0, 0.1),
+                                                       (10.0, 0.8)}  # fmt: skip
+    assert {c["hl"] for c in corners} == {5.0}
+    searcher = space.make_searcher("optuna", 2018, corners)
+    ps = space.param_space("optuna", seed=2018)
+    assert searcher.set_search_properties("best_top5_map", "max", ps)
+    suggested = [searcher.suggest(f"t{i}") for i in range(6)]
+    first = [{k: s[k] for k in ("hl", "scsl", "al")} for s in suggested[:4]]
+    assert first == corners
+    for s in suggested[4:]:  # then TPE draws inside the box
+        assert 1.0 <= s["hl"] <= 10.0 and 1.0 <= s["scsl"] <= 10.0 and 0.1 <= s["al"] <= 0.8
+    random_start = space.make_searcher("optuna", 2018)
+    assert random_start.set_search_properties("best_top5_map", "max", ps)
+    assert {k: random_start.suggest("r0")[k] for k in ("hl", "scsl", "al")} not in corners

@@ -65,6 +65,7 @@ class SearchSpec:
     checkpoint_every: int = 0
     grace_fraction: float = 0.1
     reduction_factor: float = 3.0
+    corner_start: bool = True  # optuna: try the box's (scsl, al) corners first (space.corner_start)
     interrupt_after_trials: int = 0
     cache_dir: str | None = None
     log: Callable[[str], None] = field(default=print, repr=False)
@@ -168,6 +169,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--grace-fraction", type=float, default=0.1,
                    help="ASHA first rung, as a fraction of the epochs")
     p.add_argument("--reduction-factor", type=float, default=3.0)
+    p.add_argument("--random-start", action="store_true",
+                   help="optuna: start from random draws instead of the four (scsl, al) corners "
+                        "of the box (at hl 5)")
     p.add_argument("--ray-address", default=None,
                    help="Ray GCS address (default: RAY_ADDRESS unless it is the job API URL)")
     p.add_argument("--interrupt-after-trials", type=int, default=0, help=argparse.SUPPRESS)
@@ -191,7 +195,7 @@ def spec_from_args(args: argparse.Namespace) -> SearchSpec:
         storage=args.storage.rstrip("/"), name=args.name, experiment=args.experiment or None,
         registered_prefix=args.registered_prefix, init_from=args.init_from,
         checkpoint_every=args.checkpoint_every, grace_fraction=args.grace_fraction,
-        reduction_factor=args.reduction_factor,
+        reduction_factor=args.reduction_factor, corner_start=not args.random_start,
         interrupt_after_trials=args.interrupt_after_trials,
     )  # fmt: skip
 
@@ -264,7 +268,10 @@ def _make_tuner(spec: SearchSpec, domain: str, trainable: Any, parent_run_id: st
         callbacks.append(InterruptAfter(spec.interrupt_after_trials))
     tune_config = tune.TuneConfig(
         metric=space.METRIC, mode="max",
-        search_alg=space.make_searcher(spec.search, spec.config.train.seed),
+        search_alg=space.make_searcher(
+            spec.search, spec.config.train.seed,
+            space.corner_start() if spec.corner_start else None,
+        ),
         scheduler=space.make_scheduler(
             spec.scheduler, epochs, spec.config.train.eval_every,
             space.SchedulerSettings(spec.grace_fraction, spec.reduction_factor),
