@@ -1,0 +1,81 @@
+"""tune.tvsum through `ray job submit` on the local Ray head (issue 6, item 4), with a trial that
+crashes once on purpose and is retried from its checkpoint (item 1: retried once, the search
+goes on)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = "configs/tvsum_search_smoke.yaml"
+EPOCHS = 8
+FAULT_EPOCH = 5  # after the evaluations (and checkpoints) of epochs 2 and 4
+EXCLUDES = [".venv", ".git", ".local-stack", "**/__pycache__", ".pytest_cache", "*.egg-info",
+            ".ruff_cache", "*.db"]
+
+pytestmark = pytest.mark.integration
+
+
+def test_search_submitted_as_a_ray_job_survives_a_crashing_trial(local_stack_env, tmp_path,
+                                                                 monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from jobs.shard import run as shard
+    from vl.data.synthetic import TINY_DIMS, SyntheticConfig, generate
+
+    for key, value in local_stack_env.items():
+        monkeypatch.setenv(key, value)
+    tag = uuid.uuid4().hex[:8]
+    layout = generate(SyntheticConfig(
+        "tvsum", videos=5, seed=2, dims=dict(TINY_DIMS), video_sets=("i3d",),
+        text_sets=("clip",), tvsum_domain_concepts=True), tmp_path / "raw")  # fmt: skip
+    data = f"s3://vl-data/test_tune_job/{tag}"
+    for split, jsonl in (("train", layout.train_jsonl), ("val", layout.val_jsonl)):
+        shard(dataset="tvsum", annotations=str(jsonl), video_features=layout.video_arg(),
+              text_features=layout.text_arg(), out=f"{data}/{split}", ray_mode="off",
+              log=lambda *_: None)  # fmt: skip
+    experiment = f"test-tune-job-{tag}"
+    # Two trials: the first two corners of the box, both at hl 5, so both crash once.
+    entry = [sys.executable, "-m", "tune.tvsum", "--config", SMOKE, "--data", data,
+             "--domains", "VT", "--features", "i3d", "--search", "optuna", "--scheduler", "none",
+             "--num-samples", "2", "--epochs", str(EPOCHS), "--max-concurrent", "1",
+             "--storage", f"s3://vl-runs/test_tune_job/{tag}", "--name", "job",
+             "--experiment", experiment, "--registered-prefix", f"test-tune-job-{tag}"]
+    runtime_env = {"excludes": EXCLUDES, "env_vars": {"VL_TUNE_FAULT": f"once:{FAULT_EPOCH}:5"}}
+    env = {**os.environ, **local_stack_env}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.pop("PYTEST_CURRENT_TEST", None)
+    done = subprocess.run(
+        [sys.executable, "-m", "ray.scripts.scripts", "job", "submit", "--address",
+         local_stack_env["RAY_ADDRESS"], "--submission-id", f"tune-{tag}", "--working-dir", ".",
+         "--entrypoint-num-cpus", "0", "--runtime-env-json", json.dumps(runtime_env), "--",
+         *entry],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=800,
+    )  # fmt: skip
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-5000:]
+    assert f"injected fault in domain VT at epoch {FAULT_EPOCH}" in log, log[-5000:]
+    summary_line = [line for line in log.splitlines() if line.startswith('{"interrupted"')]
+    summary = json.loads(summary_line[-1])
+    assert summary["interrupted"] is False and summary["best"]["VT"] is not None
+
+    client = MlflowClient(local_stack_env["MLFLOW_TRACKING_URI"])
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], max_results=100)
+    parent = [r for r in runs if r.data.tags.get("vl.kind") == "tvsum-domain-search"]
+    assert len(parent) == 1 and parent[0].info.status == "FINISHED"
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id]
+    assert len(children) == 2  # a retry continues its trial's run, it does not add one
+    for child in children:
+        assert child.info.status == "FINISHED"
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "top5_map")]
+        assert max(steps) == EPOCHS  # trained to the end after the crash
+    version = client.get_model_version_by_alias(f"test-tune-job-{tag}-VT", "champion")
+    assert version.run_id == parent[0].data.tags["vl.registered_from_run"]
