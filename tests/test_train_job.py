@@ -18,12 +18,11 @@ import pytest
 import torch
 
 from cluster.local.common import wait_for
+from tests.jobs import client_env, submit
 from vl.data.synthetic import SyntheticConfig, generate
 
 REPO = Path(__file__).resolve().parents[1]
 DIMS = {"slowfast": 8, "clip": 8}
-EXCLUDES = [".venv", ".git", ".local-stack", "**/__pycache__", ".pytest_cache", "*.egg-info",
-            ".ruff_cache", "*.db"]
 FAST = ["--set", "train.eval_every=1", "--set", "data.batch_size=8", "--set",
         "data.eval_batch_size=32"]
 
@@ -36,11 +35,7 @@ def _uid() -> str:
 
 @pytest.fixture(scope="module")
 def stack_env(local_stack_env: dict[str, str]) -> dict[str, str]:
-    """The client environment, plus the venv's bin on PATH (for the `ray` CLI)."""
-    env = {**os.environ, **local_stack_env}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env.pop("PYTEST_CURRENT_TEST", None)
-    return env
+    return client_env(local_stack_env)
 
 
 @pytest.fixture(scope="module")
@@ -68,20 +63,6 @@ def shards(stack_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) 
 def _entrypoint(*args: str) -> list[str]:
     # The local head's PATH may not hold the venv: name its interpreter explicitly.
     return [sys.executable, "-m", "jobs.train", "--config", "configs/smoke.yaml", *args]
-
-
-def _ray_job(env: dict[str, str], *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "job", *args],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def _submit(env: dict[str, str], submission_id: str, entrypoint: list[str], wait: bool = True,
-            timeout: float = 240) -> subprocess.CompletedProcess:
-    runtime_env = json.dumps({"excludes": EXCLUDES})
-    return _ray_job(env, "submit", "--address", env["RAY_ADDRESS"], "--submission-id",
-                    submission_id, "--working-dir", ".", "--entrypoint-num-cpus", "0",
-                    "--runtime-env-json", runtime_env, *([] if wait else ["--no-wait"]), "--",
-                    *entrypoint, timeout=timeout)
 
 
 def _s3(env: dict[str, str]):
@@ -139,7 +120,7 @@ def test_submit_stop_resubmit_register_and_predict(shards, stack_env, mlflow_env
     entry = _entrypoint("--data", shards, "--storage", storage, "--name", name,
                         "--register-as", model_name, "--set", f"train.epochs={epochs}", *FAST)
     first = f"{name}-a"
-    started = _submit(stack_env, first, entry, wait=False)
+    started = submit(stack_env, first, entry, wait=False)
     assert started.returncode == 0, started.stderr[-3000:]
     run_path = f"vl-runs/test_train_job/{name}"
     # The job API client in-process: stopping must come right after the first checkpoint (a
@@ -159,7 +140,7 @@ def test_submit_stop_resubmit_register_and_predict(shards, stack_env, mlflow_env
     wait_for(lambda: jobs.get_job_status(first).is_terminal(), 60, "the stopped job")
     assert jobs.get_job_status(first) == JobStatus.STOPPED
 
-    done = _submit(stack_env, f"{name}-b", entry)
+    done = submit(stack_env, f"{name}-b", entry)
     log = done.stdout + done.stderr
     assert done.returncode == 0, log[-5000:]
     resumed = [line for line in log.splitlines() if "continuing with epoch" in line]
@@ -228,7 +209,7 @@ def test_killed_worker_is_replaced_and_training_resumes(shards, stack_env, mlflo
     entry = _entrypoint("--data", shards, "--storage", "s3://vl-runs/test_train_job",
                         "--name", name, "--set", f"train.epochs={epochs}",
                         "--set", "train.fail_at_step=5", *FAST)
-    done = _submit(stack_env, name, entry)
+    done = submit(stack_env, name, entry)
     log = done.stdout + done.stderr
     assert done.returncode == 0, log[-5000:]
     assert "[fault injection] rank 1 exits at global step 5" in log

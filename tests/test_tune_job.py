@@ -5,20 +5,16 @@ goes on)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import uuid
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.jobs import client_env, submit
+
 SMOKE = "configs/tvsum_search_smoke.yaml"
 EPOCHS = 8
 FAULT_EPOCH = 5  # after the evaluations (and checkpoints) of epochs 2 and 4
-EXCLUDES = [".venv", ".git", ".local-stack", "**/__pycache__", ".pytest_cache", "*.egg-info",
-            ".ruff_cache", "*.db"]
 
 pytestmark = pytest.mark.integration
 
@@ -48,17 +44,8 @@ def test_search_submitted_as_a_ray_job_survives_a_crashing_trial(local_stack_env
              "--num-samples", "2", "--epochs", str(EPOCHS), "--max-concurrent", "1",
              "--storage", f"s3://vl-runs/test_tune_job/{tag}", "--name", "job",
              "--experiment", experiment, "--registered-prefix", f"test-tune-job-{tag}"]
-    runtime_env = {"excludes": EXCLUDES, "env_vars": {"VL_TUNE_FAULT": f"once:{FAULT_EPOCH}:5"}}
-    env = {**os.environ, **local_stack_env}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env.pop("PYTEST_CURRENT_TEST", None)
-    done = subprocess.run(
-        [sys.executable, "-m", "ray.scripts.scripts", "job", "submit", "--address",
-         local_stack_env["RAY_ADDRESS"], "--submission-id", f"tune-{tag}", "--working-dir", ".",
-         "--entrypoint-num-cpus", "0", "--runtime-env-json", json.dumps(runtime_env), "--",
-         *entry],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=800,
-    )  # fmt: skip
+    done = submit(client_env(local_stack_env), f"tune-{tag}", entry, timeout=800,
+                  env_vars={"VL_TUNE_FAULT": f"once:{FAULT_EPOCH}:5"})
     log = done.stdout + done.stderr
     assert done.returncode == 0, log[-5000:]
     assert f"injected fault in domain VT at epoch {FAULT_EPOCH}" in log, log[-5000:]

@@ -19,6 +19,11 @@ NO_TELEMETRY_ENV: dict[str, str] = {
     "AWS_EC2_METADATA_DISABLED": "true",
 }
 
+# What Ray's --working-dir upload must skip (it packs the directory into a zip per job): used by
+# the demo and by the tests that `ray job submit` this checkout.
+WORKING_DIR_EXCLUDES = [".venv", ".git", ".local-stack", "**/__pycache__", ".pytest_cache",
+                        ".ruff_cache", "*.egg-info", "*.db", "mlruns", "build", "dist"]
+
 
 def quiet_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """The current environment plus the no-telemetry switches (and `extra`)."""

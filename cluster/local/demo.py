@@ -24,6 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from cluster.local.common import WORKING_DIR_EXCLUDES
 from cluster.local.stack import ENV_FILE, STATE_FILE, LocalStack
 
 REPO = Path(__file__).resolve().parents[2]
@@ -37,9 +38,6 @@ VIDEO_SETS = ("slowfast", "clip")
 TEXT_SETS = ("clip",)
 DIMS = {"slowfast": 16, "clip": 16}
 DEFAULT_VIDEOS = 250  # 2 queries each: 400 train / 100 held-out val queries
-# What Ray's --working-dir upload must skip (it packs the directory into a zip per job).
-WORKING_DIR_EXCLUDES = [".venv", ".git", ".local-stack", "**/__pycache__", ".pytest_cache",
-                        ".ruff_cache", "*.egg-info", "*.db", "mlruns", "build", "dist"]
 # Lines of `ray job submit` output that say nothing to a demo viewer.
 _NOISE = ("INFO packaging.py", "WARNING working_dir.py", "INFO dashboard_sdk.py",
           "Ignoring upload", "INFO cli.py", "-- \x1b[32m---", "SUCC cli.py:66", "SUCC cli.py:68")
