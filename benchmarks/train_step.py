@@ -1,11 +1,12 @@
-"""Time one VideoLights training step (forward + criterion + backward + clip + AdamW) on CPU.
+"""Time one VideoLights training step (forward + criterion + backward + clip + AdamW).
 
     python -m benchmarks.train_step --preset paper --batch-size 32 --clips 75 \
         --query-tokens 32 --steps 10 --warmup 2 --threads 2
 
 Prints one JSON line. The batch is synthetic with the reference benchmark's statistics
 (VIDEOLIGHTS_SPEC section 7), so the figures compare with the reference's 2.45 s (2 threads) /
-3.4-3.8 s (1 thread) and ~2.7 GB peak RSS.
+3.4-3.8 s (1 thread) and ~2.7 GB peak RSS. `--device cuda` times the same step on a GPU
+(synchronised around each phase; peak GPU memory reported as `peak_gpu_mb`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast for the forward pass")
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="config override, e.g. model.negative_pass=false")
     args = ap.parse_args(argv)
@@ -43,30 +45,37 @@ def main(argv: list[str] | None = None) -> None:
     from vl.model import build_model
 
     cfg = ExperimentConfig.from_preset(args.preset, args.set)
-    model = build_model(cfg.model)
-    criterion = build_criterion(cfg.loss)
+    device = torch.device(args.device)
+    model = build_model(cfg.model).to(device)
+    criterion = build_criterion(cfg.loss).to(device)
     optimizer, _ = build_optimizer(model, cfg.train)
     batch = random_batch(
         args.batch_size, args.clips, args.query_tokens,
         [FEATURE_DIMS[n] for n in cfg.data.video_features],
         [TEXT_FEATURE_DIMS[n] for n in cfg.data.text_features],
-    )
+    ).to(device)
     model.train()
+
+    def now() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+
     fwd, crit, bwd, opt, total, cpu = [], [], [], [], [], []
     for i in range(args.warmup + args.steps):
         c0 = time.process_time()
-        t0 = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+        t0 = now()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
             out = forward(model, batch)
-        t1 = time.perf_counter()
+        t1 = now()
         losses = criterion(out, batch, epoch=0)
-        t2 = time.perf_counter()
+        t2 = now()
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
-        t3 = time.perf_counter()
+        t3 = now()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
         optimizer.step()
-        t4 = time.perf_counter()
+        t4 = now()
         if i >= args.warmup:
             fwd.append(t1 - t0)
             crit.append(t2 - t1)
@@ -80,6 +89,7 @@ def main(argv: list[str] | None = None) -> None:
         "params": sum(p.numel() for p in model.parameters()),
         "batch_size": args.batch_size, "clips": args.clips, "query_tokens": args.query_tokens,
         "threads": args.threads, "bf16": args.bf16, "overrides": args.set,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "median_step_s": round(med(total), 4),
         "forward_s": round(med(fwd), 4),
         "criterion_s": round(med(crit), 4),
@@ -89,6 +99,8 @@ def main(argv: list[str] | None = None) -> None:
         "samples_per_s": round(args.batch_size / med(total), 2),
         "last_loss": round(float(losses["loss"].detach()), 4),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        **({"peak_gpu_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1)}
+           if device.type == "cuda" else {}),
     }))
 
 
