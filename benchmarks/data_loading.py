@@ -132,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work-dir", type=Path, help="keep data here (default: a temp dir)")
     parser.add_argument("--dims", help="override feature dims, e.g. 'tiny' (default: real dims)")
+    parser.add_argument("--compression", default="zstd", choices=["zstd", "lz4", "none"],
+                        help="shard compression (jobs.shard --compression)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
 
@@ -167,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
             video_features=layout.video_arg(),
             text_features=layout.text_arg(),
             out=uri,
+            compression=args.compression,
             ray_mode="off",
             log=lambda *_: None,
         )
@@ -204,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
             "samples": n_shard,
             "batch_size": args.batch_size,
             "num_workers": args.workers,
+            "compression": args.compression,
             "video_dim": sum(f.dim for f in manifest.video_features) + 2,
             "text_dim": sum(f.dim for f in manifest.text_features),
             "shard_bytes": sum(s.bytes for s in manifest.shards),

@@ -277,7 +277,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # On the device before the optimizer exists: a resumed optimizer state is then loaded next to
     # its parameters (AdamW's state would otherwise stay on the CPU under GPU parameters).
     model = build_model(cfg.model).to(device)
-    criterion = build_criterion(cfg.loss, world_size=world)
+    criterion = build_criterion(cfg.loss)
     optimizer, scheduler = build_optimizer(model, t)
     start_epoch, global_step = 0, 0
     history: dict[str, list[tuple[int, float]]] = {}
@@ -316,9 +316,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         val_loader = make_loader(d.val, d.eval_batch_size, shuffle=False, seed=t.seed,
                                  num_workers=d.num_workers, **loader_kwargs)
         ground_truth = read_annotations(d.val)
-        # The chief evaluates the whole val set alone: its loss sums must not carry the DDP
-        # world-size factor of the training criterion (val losses stay comparable across runs).
-        eval_criterion = build_criterion(cfg.loss).to(device)
         if d.tvsum_domain:
             ground_truth = [g for g in ground_truth if g.get("domain") == d.tvsum_domain]
         tracker = Tracker(run_id, cfg)
@@ -351,7 +348,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory(prefix="vl-ckpt-") as tmp:
             ckpt = None
             if is_chief:
-                result, rows = evaluate(unwrap(model), eval_criterion, val_loader,
+                result, rows = evaluate(unwrap(model), criterion, val_loader,
                                         dataset=d.dataset, ground_truth=ground_truth,
                                         device=device, epoch=epoch, bf16=t.bf16)
                 metrics.update(eval_metrics(result))

@@ -139,7 +139,7 @@ def test_ddp_over_nccl_with_prepare_model_defaults():
         torch.manual_seed(0)
         model = torch.nn.parallel.DistributedDataParallel(build_model(cfg.model).to(CUDA),
                                                           device_ids=[0])
-        criterion = build_criterion(cfg.loss, world_size=1).to(CUDA)
+        criterion = build_criterion(cfg.loss).to(CUDA)
         optimizer, _ = build_optimizer(model, cfg.train)
         batches = [tiny_batch(cfg, batch_size=4, clips=20, seed=s).to(CUDA) for s in range(3)]
         for batch in batches:

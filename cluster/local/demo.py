@@ -37,7 +37,7 @@ STORAGE = "s3://vl-runs/demo"
 VIDEO_SETS = ("slowfast", "clip")
 TEXT_SETS = ("clip",)
 DIMS = {"slowfast": 16, "clip": 16}
-DEFAULT_VIDEOS = 250  # 2 queries each: 400 train / 100 held-out val queries
+DEFAULT_VIDEOS = 1000  # 2 queries each: 1,600 train / 400 held-out val queries
 # Lines of `ray job submit` output that say nothing to a demo viewer.
 _NOISE = ("INFO packaging.py", "WARNING working_dir.py", "INFO dashboard_sdk.py",
           "Ignoring upload", "INFO cli.py", "-- \x1b[32m---", "SUCC cli.py:66", "SUCC cli.py:68")
