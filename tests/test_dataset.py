@@ -194,3 +194,34 @@ def test_s3_shards_are_cached_locally(qvh, s3_env, tmp_path: Path) -> None:
             fs.rm(f)
     again = [s.qid for s in ShardDataset(out, cache_dir=cache, seed=2)]
     assert again == first
+
+
+def test_shard_prefetcher_fetches_ahead_in_first_use_order_and_reraises():
+    import threading
+
+    from vl.data.dataset import _ShardPrefetcher
+
+    started: list[int] = []
+    release = threading.Event()
+
+    def fetch(shard: int) -> Path:
+        started.append(shard)
+        if shard == 9:
+            raise OSError("checksum mismatch for shard 9")
+        release.wait(5)
+        return Path(f"/cache/{shard}")
+
+    with _ShardPrefetcher(fetch, [3, 1, 3, 7, 9], remote=True, ahead=2) as shards:
+        # two downloads queued ahead of the reader (one thread: the first runs, the second waits)
+        assert list(shards.futures) == [3, 1]
+        release.set()
+        assert shards.get(3) == Path("/cache/3")
+        assert list(shards.futures) == [1, 7]  # topped up in first-use order, each shard once
+        assert shards.get(1) == Path("/cache/1")
+        assert shards.get(3) == Path("/cache/3")  # used again later: fetched directly (cached)
+        assert shards.get(7) == Path("/cache/7")
+        with pytest.raises(OSError, match="shard 9"):
+            shards.get(9)
+    assert started[:3] == [3, 1, 7] and started.count(9) == 1
+    with _ShardPrefetcher(fetch, [1, 2], remote=False) as local:  # local sets: no thread
+        assert local.pool is None and local.get(2) == Path("/cache/2")
