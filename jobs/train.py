@@ -348,9 +348,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory(prefix="vl-ckpt-") as tmp:
             ckpt = None
             if is_chief:
-                result, rows = evaluate(unwrap(model), criterion, val_loader,
-                                        dataset=d.dataset, ground_truth=ground_truth,
-                                        device=device, epoch=epoch, bf16=t.bf16)
+                result, rows = evaluate(unwrap(model), criterion, val_loader, dataset=d.dataset,
+                                        ground_truth=ground_truth, device=device, epoch=epoch,
+                                        bf16=t.bf16)
                 metrics.update(eval_metrics(result))
                 value = metrics.get(selection_metric, float("-inf"))
                 if value > best["value"] or best["epoch"] < 0:

@@ -12,12 +12,13 @@ uses. Last run: 2026-11-26 on an NVIDIA H200 (torch 2.11), 7 passed.
 from __future__ import annotations
 
 import io
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
+from cluster.local.common import free_port
 from tests.helpers import tiny_batch, tiny_config
 from vl.engine import build_optimizer, evaluate, predict_rows, train_step
 from vl.losses import build_criterion
@@ -28,13 +29,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 CUDA = torch.device("cuda")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_forward_on_cuda_matches_cpu():
+def test_forward_on_cuda_matches_cpu(monkeypatch):
     cfg = tiny_config()
     torch.manual_seed(0)
     cpu_model = build_model(cfg.model).eval()
@@ -42,8 +37,8 @@ def test_forward_on_cuda_matches_cpu():
     gpu_model.load_state_dict(cpu_model.state_dict())
     gpu_model.to(CUDA)
     batch = tiny_batch(cfg, batch_size=4, clips=20)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # exact fp32 GEMMs
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     with torch.no_grad():
         ref = cpu_model(batch.video, batch.video_mask, batch.text, batch.text_mask)
         g = batch.to(CUDA)
@@ -71,6 +66,10 @@ def test_dropout_on_cuda_is_inverted_dropout(p):
     y.sum().backward()
     assert torch.equal(x.grad != 0, kept)
     assert torch.equal(drop.eval()(x), x)
+    torch.manual_seed(1)  # the same draw as the native kernel's: the CPU mask is not used here
+    ours = Dropout(p).train()(x.detach())
+    torch.manual_seed(1)
+    assert torch.equal(ours, F.dropout(x.detach(), p, training=True))
 
 
 @pytest.mark.parametrize("bf16", [False, True])
@@ -132,7 +131,7 @@ def test_ddp_over_nccl_with_prepare_model_defaults():
     """One NCCL rank, DDP with default arguments (as ray.train.torch.prepare_model wraps it):
     several steps must run (an unused parameter would fail the second one) and evaluate."""
     cfg = tiny_config()
-    port = _free_port()
+    port = free_port()
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0,
                             world_size=1)
     try:

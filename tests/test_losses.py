@@ -169,7 +169,7 @@ def test_overfitting_one_tiny_batch_drops_total_loss_tenfold():
 def test_cosine_terms_sum_over_the_worker_batch():
     """L_ts sums its per-video terms over the batch (as the reference does, so the paper's
     coefficients keep their meaning): a batch of 8 is the sum of its two halves when they share
-    the rescaling's shift and label range, twice the loss of 4 such videos, not their mean."""
+    the rescaling's shift and label range, so it exceeds either half (a mean would not)."""
     torch.manual_seed(0)
     B, Lv = 8, 6
     labels = torch.randint(0, 5, (B, Lv)).float()

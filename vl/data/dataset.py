@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import warnings
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -481,7 +481,9 @@ class _ShardPrefetcher:
     thread. Leaving the iteration early cancels what has not started.
     """
 
-    def __init__(self, fetch: Any, order: list[int], *, remote: bool, ahead: int = 2) -> None:
+    def __init__(
+        self, fetch: Callable[[int], Path], order: list[int], *, remote: bool, ahead: int = 2
+    ) -> None:
         self.fetch = fetch
         self.order = list(dict.fromkeys(order))  # first-use order, each shard once
         self.ahead = ahead
