@@ -166,3 +166,30 @@ def test_attention_dropout_path_matches_fused_kernel_without_dropout():
     assert not torch.allclose(fused, dropped)
     # with a dropout rate of ~0 the explicit path equals the fused kernel
     torch.testing.assert_close(attend(q, k, v, mask, 1e-9), fused, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_fused_prelu_dropout_equals_the_separate_modules(training):
+    """The FFN's one-node PReLU + dropout gives the same values and gradients as nn.PReLU
+    followed by Dropout with the same random draw (the slope gradient to float rounding)."""
+    from vl.model.layers import FeedForward
+
+    torch.manual_seed(0)
+    ffn = FeedForward(16, 64, 0.3).train(training)
+    with torch.no_grad():
+        ffn.activation.weight.fill_(0.2)
+    x = torch.randn(3, 7, 16, requires_grad=True)
+    params = (x, ffn.activation.weight, ffn.linear1.weight, ffn.linear2.bias)
+
+    torch.manual_seed(1)
+    fused = ffn(x)
+    grad = torch.randn_like(fused)
+    fused_grads = torch.autograd.grad(fused, params, grad)
+    torch.manual_seed(1)
+    separate = ffn.linear2(ffn.dropout(ffn.activation(ffn.linear1(x))))
+    separate_grads = torch.autograd.grad(separate, params, grad)
+
+    assert torch.equal(fused, separate)
+    for a, b in zip(fused_grads, separate_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert fused_grads[1].abs().item() > 0  # the slope does learn
