@@ -10,6 +10,8 @@ so the difference is the storage format and the per-sample work it implies:
   set, float32 cast, L2 normalisation, concatenation, TEF via torch.cat) and the reference's
   pad-per-key collate (files on local disk, warm in the page cache since they were just
   written: the most favourable case for npz).
+`s3_download_only_samples_per_s` is the ceiling of a cold epoch: the same shard files copied
+from the S3 server with nothing else done to them.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from vl.data.features import (
     load_video_set,
     parse_feature_dirs,
 )
+from vl.data.shards import filesystem, join_uri
 from vl.data.synthetic import SyntheticConfig, generate
 
 
@@ -120,6 +123,17 @@ def _time_loader(loader) -> tuple[float, int]:
     return time.perf_counter() - t0, n
 
 
+def _download_only(uri: str, manifest, dest: Path) -> float:
+    """Seconds to copy every shard from S3 to local disk and nothing else (no sha256, no
+    decode): no cold epoch can be faster than this on the same server and client."""
+    dest.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    for shard in manifest.shards:
+        fs, path = filesystem(join_uri(uri, shard.path))
+        fs.get_file(path, str(dest / Path(shard.path).name))
+    return time.perf_counter() - t0
+
+
 def _dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
@@ -198,12 +212,15 @@ def main(argv: list[str] | None = None) -> int:
             generator=torch.Generator().manual_seed(args.seed),
         )
         npz_s, n_npz = _time_loader(npz_loader)
+        get_s = _download_only(uri, manifest, work / "get")
         result = {
             "shard_samples_per_s": round(n_shard / cold_s, 1),
             "shard_warm_samples_per_s": round(n_shard / warm_s, 1),
             "npz_samples_per_s": round(n_npz / npz_s, 1),
             "speedup_cold": round((n_shard / cold_s) / (n_npz / npz_s), 2),
             "speedup_warm": round((n_shard / warm_s) / (n_npz / npz_s), 2),
+            # the cold ceiling: the same shards downloaded from S3 with no checksum or decode
+            "s3_download_only_samples_per_s": round(n_shard / get_s, 1),
             "samples": n_shard,
             "batch_size": args.batch_size,
             "num_workers": args.workers,
