@@ -38,7 +38,7 @@ from vl.data.features import (
     load_video_set,
     parse_feature_dirs,
 )
-from vl.data.shards import filesystem, join_uri
+from vl.data.shards import ShardManifest, filesystem, join_uri
 from vl.data.synthetic import SyntheticConfig, generate
 
 
@@ -123,7 +123,7 @@ def _time_loader(loader) -> tuple[float, int]:
     return time.perf_counter() - t0, n
 
 
-def _download_only(uri: str, manifest, dest: Path) -> float:
+def _download_only(uri: str, manifest: ShardManifest, dest: Path) -> float:
     """Seconds to copy every shard from S3 to local disk and nothing else (no sha256, no
     decode): no cold epoch can be faster than this on the same server and client."""
     dest.mkdir(parents=True, exist_ok=True)

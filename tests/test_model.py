@@ -189,7 +189,22 @@ def test_fused_prelu_dropout_equals_the_separate_modules(training):
     separate = ffn.linear2(ffn.dropout(ffn.activation(ffn.linear1(x))))
     separate_grads = torch.autograd.grad(separate, params, grad)
 
+    assert "_PReLUDropoutFnBackward" in _graph_nodes(fused)  # the one-node path did run
+    assert "_PReLUDropoutFnBackward" not in _graph_nodes(separate)
     assert torch.equal(fused, separate)
     for a, b in zip(fused_grads, separate_grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert fused_grads[1].abs().item() > 0  # the slope does learn
+
+
+def _graph_nodes(t: torch.Tensor) -> set[str]:
+    """Names of the autograd nodes behind `t`."""
+    seen, todo, names = set(), [t.grad_fn], set()
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        todo.extend(n for n, _ in node.next_functions)
+    return names
