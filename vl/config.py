@@ -31,6 +31,9 @@ TEXT_FEATURE_DIMS: dict[str, int] = {"clip": 512, "blip": 768}
 DATASETS = ("qvhighlights", "charades", "tvsum", "pretrain")
 TVSUM_DOMAINS = ("BK", "BT", "DS", "FM", "GA", "MS", "PK", "PR", "VT", "VU")
 TEF_DIMS = 2  # temporal endpoint features (i/L, (i+1)/L) appended to every clip
+ALIGN_VIDEO = ("projection", "fra")
+DECODER_MEMORY = ("clips", "global_and_clips")
+LABEL_REDUCTIONS = ("mean", "weight_sum")
 
 
 class ConfigError(ValueError):
@@ -59,7 +62,17 @@ class ModelConfig:
     contrastive_dim: int = 64
     span_nce: bool = False  # Moment-DETR span-token NCE: an optional extra, off (6c.4)
     mr2hd: bool = True  # Uni-JFM MR->HD GRU branch
+    fra: bool = True  # Feature Refinement and Alignment; off = the paper's "without FRA" ablation
     negative_pass: bool = True  # mismatched-query pass for the negative saliency
+    # The mismatched pass refines the clips with its own (rolled) query; False reuses the FRA
+    # output of the matching query, whose clips then carry the true query (docs/FIDELITY.md, 5).
+    negative_fra: bool = True
+    # What L_sym contrasts with the text: "projection" = the clips before FRA (query-free),
+    # "fra" = FRA's output, which contains the text and lets L_sym be met by copying it (1).
+    align_video: str = "projection"
+    # The decoder cross-attends to "clips" (as the reference) or "global_and_clips" (3).
+    decoder_memory: str = "clips"
+    text_pos_std: float = 0.02  # init std of the learned text positions (1.0 = nn.Embedding's)
 
     @property
     def video_input_dim(self) -> int:
@@ -88,6 +101,12 @@ class LossConfig:
     hl_cap: float | None = None  # optional cap on W_j (the reference has none)
     span_nce_coef: float = 0.2
     nce_temperature: float = 0.07
+    # Clip-sentence saliency-profile alignment on FRA's output (the reference's second `cal`
+    # term): sum_b 1 - cos(cos(V'_j, mean text), y). 0 disables it.
+    sal_align_coef: float = 0.2  # the reference's QVHighlights `cal`
+    # Class CE reduction: "mean" over queries (Moment-DETR / the reference, with which
+    # label_coef = 4 was tuned) or "weight_sum" (divided by the eos-weight sum, ~3.6x larger).
+    label_reduction: str = "mean"
 
 
 @dataclass
@@ -108,6 +127,10 @@ class DataConfig:
     num_workers: int = 0
     shuffle_buffer: int = 1024
     tvsum_domain: str = ""
+    # Which column of the paper's Table 7 gives the per-domain TVSum coefficients (hl, scsl and,
+    # for the fine-tuned column, al): "i3d", "sf_clip_blip", "sf_clip_blip_finetuned"; "" = none.
+    # A coefficient set explicitly (YAML or --set) beats the table.
+    tvsum_table: str = ""
 
 
 @dataclass
@@ -160,6 +183,7 @@ class ExperimentConfig:
         merged = _deep_merge(copy.deepcopy(PRESETS[preset_name]), raw)
         merged["preset"] = preset_name
         cfg = _build(cls, merged, source, prefix="")
+        _apply_recipe_tables(cfg, raw.get("loss") or {}, source)
         cfg.validate(source)
         return cfg
 
@@ -244,8 +268,16 @@ class ExperimentConfig:
             raise bad("train.num_workers", f"must be >= 1, got {t.num_workers}")
         if t.grad_clip < 0:
             raise bad("train.grad_clip", f"must be >= 0 (0 disables), got {t.grad_clip}")
+        choices = {"model.align_video": (m.align_video, ALIGN_VIDEO),
+                   "model.decoder_memory": (m.decoder_memory, DECODER_MEMORY),
+                   "loss.label_reduction": (lo.label_reduction, LABEL_REDUCTIONS)}
+        for key, (value, allowed) in choices.items():
+            if value not in allowed:
+                raise bad(key, f"{value!r} is not one of {allowed}")
+        if m.text_pos_std < 0:
+            raise bad("model.text_pos_std", f"must be >= 0, got {m.text_pos_std}")
         for key in ("span_coef", "giou_coef", "label_coef", "al_coef", "scsl_coef", "tcl_coef",
-                    "hl_coef", "saliency_coef"):
+                    "hl_coef", "saliency_coef", "sal_align_coef", "span_nce_coef"):
             if getattr(lo, key) < 0:
                 raise bad(f"loss.{key}", f"must be >= 0, got {getattr(lo, key)}")
         if not 0 < lo.eos_coef <= 1:
@@ -287,8 +319,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         _feature_dims(["slowfast", "clip", "blip"], ["clip", "blip"]),
     ),
     # What every reference launch script actually runs (spec section 6, items 1-2).
+    # Its objective is the scripts' too: span NCE on, `cal` per dataset (_apply_recipe_tables).
     "reference_script": _preset(
-        {"model": {"bicmf_layers": 1}},
+        {"model": {"bicmf_layers": 1, "span_nce": True}},
         _feature_dims(["slowfast", "clip"], ["clip"]),
     ),
     # Small enough for unit tests: seconds per step on a laptop core.
@@ -306,6 +339,46 @@ PRESETS: dict[str, dict[str, Any]] = {
         },
     ),
 }
+
+
+# ---- per-dataset recipe tables ----------------------------------------------------------
+def _table7(hl: str, scsl: str, al: str | None = None) -> dict[str, dict[str, float]]:
+    """One column of the paper's Table 7, written in the paper's domain order."""
+    order = ("VT", "VU", "GA", "MS", "PK", "PR", "FM", "BK", "BT", "DS")
+    rows = {d: {"hl_coef": float(h), "scsl_coef": float(c)}
+            for d, h, c in zip(order, hl.split(), scsl.split(), strict=True)}
+    for d, a in zip(order, (al or "").split(), strict=False):
+        rows[d]["al_coef"] = float(a)
+    return rows
+
+
+TVSUM_TABLE7: dict[str, dict[str, dict[str, float]]] = {
+    "i3d": _table7("10 1 1 1 10 10 10 1 10 10", "1 1 10 5 5 10 5 1 1 10"),
+    "sf_clip_blip": _table7("10 10 10 10 10 10 10 10 10 10", "10 5 10 1 5 10 1 10 10 10"),
+    "sf_clip_blip_finetuned": _table7("1 1 5 1 5 1 5 1 5 10", "5 1 1 1 10 10 10 5 10 5",
+                                      "0.8 0.8 0.1 0.8 0.1 0.8 0.1 0.8 0.1 0.8"),
+}
+# The launch scripts' `contrastive_align_loss_coef` per dataset (spec 4): span NCE + profile
+# alignment weighted together, no symmetric L_sym.
+REFERENCE_CAL = {"qvhighlights": 0.2, "charades": 0.3, "pretrain": 0.01, "tvsum": 0.8}
+
+
+def _apply_recipe_tables(cfg: ExperimentConfig, explicit: dict[str, Any], source: str) -> None:
+    """Fill loss coefficients from the recipe tables where the config did not set them."""
+    lo, d = cfg.loss, cfg.data
+    table: dict[str, float] = {}
+    if d.tvsum_table:
+        if d.tvsum_table not in TVSUM_TABLE7:
+            raise ConfigError(f"{source}: key 'data.tvsum_table': {d.tvsum_table!r} is not one "
+                              f"of {sorted(TVSUM_TABLE7)}")
+        if d.dataset == "tvsum" and d.tvsum_domain in TVSUM_DOMAINS:
+            table.update(TVSUM_TABLE7[d.tvsum_table][d.tvsum_domain])
+    if cfg.preset == "reference_script":
+        cal = REFERENCE_CAL.get(d.dataset, 0.2)
+        table.update({"span_nce_coef": cal, "sal_align_coef": cal, "al_coef": 0.0})
+    for key, value in table.items():
+        if key not in explicit:
+            setattr(lo, key, value)
 
 
 # ---- typed building ---------------------------------------------------------------------

@@ -8,7 +8,8 @@
 5. print the MLflow run URL, the best evaluation's metrics and the registered version with its
    `champion` alias; then stop the stack (`--keep` leaves it running for a look around).
 
-    python -m cluster.local.demo [--keep] [--dir DIR] [--videos N] [--set KEY=VALUE ...]
+    python -m cluster.local.demo [--keep] [--dir DIR] [--videos N] [--data-seed S]
+        [--set KEY=VALUE ...]        # e.g. --set train.seed=1
 """
 
 from __future__ import annotations
@@ -47,14 +48,16 @@ def step(message: str, t0: float) -> None:
     print(f"[demo {time.monotonic() - t0:6.1f} s] {message}", flush=True)
 
 
-def generate_and_shard(root: Path, videos: int, env: dict[str, str], t0: float) -> None:
+def generate_and_shard(root: Path, videos: int, env: dict[str, str], t0: float,
+                       data_seed: int = 0) -> None:
     """Synthetic official layout under root/raw, then train/ and val/ shard sets on S3."""
     from jobs.shard import run as shard_run
     from vl.data.synthetic import SyntheticConfig, generate
 
     step(f"generating a synthetic QVHighlights-shaped dataset ({videos} videos, dims {DIMS}) "
-         f"= python -m vl.data.synthetic --dataset qvhighlights --videos {videos} ...", t0)
-    layout = generate(SyntheticConfig("qvhighlights", videos=videos, seed=0, dims=DIMS,
+         f"= python -m vl.data.synthetic --dataset qvhighlights --videos {videos} "
+         f"--seed {data_seed} ...", t0)
+    layout = generate(SyntheticConfig("qvhighlights", videos=videos, seed=data_seed, dims=DIMS,
                                       video_sets=VIDEO_SETS, text_sets=TEXT_SETS),
                       root / "raw")
     step(f"  {layout.num_train} train / {layout.num_val} val queries in {layout.root}", t0)
@@ -149,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="stack + data directory (default: a fresh temp dir, removed "
                              "unless --keep)")
     parser.add_argument("--videos", type=int, default=DEFAULT_VIDEOS)
+    parser.add_argument("--data-seed", type=int, default=0,
+                        help="seed of the synthetic data set (its concepts and videos)")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="KEY=VALUE", help="config override passed to jobs.train")
     args = parser.parse_args(argv)
@@ -161,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         write_state(stack)
         env = {**os.environ, **stack.env()}
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-        generate_and_shard(root, args.videos, env, t0)
+        generate_and_shard(root, args.videos, env, t0, args.data_seed)
         summary = submit_training(env, args.overrides, t0)
         report(summary, env, t0)
         ok = True

@@ -25,7 +25,9 @@ class SetCriterion(nn.Module):
     MR:  span L1, gIoU, class CE (with the eos weight), for the final and every aux layer.
     HD:  margin ranking, rank contrastive, negative pair, saliency cosine L_ts (scsl),
          task-coupled L_tc (tcl), hard positive / hard negative weighted by W_j (hl).
-    Alignment: the symmetric CLIP-style L_sym (al).
+    Alignment: the symmetric CLIP-style L_sym (al) between pooled query-free video and pooled
+         text; optionally the clip-sentence saliency-profile alignment (sal_align) on FRA's
+         output and the span-token NCE (span_nce).
 
     Why the cosine-type terms (L_ts, L_tc) sum over the batch instead of averaging: the paper's
     coefficient tables (and the per-domain TVSum choices) were tuned with the reference, which
@@ -80,7 +82,8 @@ class SetCriterion(nn.Module):
             losses[f"loss_span{suffix}"] = (l1 * sel).sum() / count
             losses[f"loss_giou{suffix}"] = (giou * sel).sum() / count
             rows = slice(i * B, (i + 1) * B)
-            losses[f"loss_label{suffix}"] = (ce[rows]).sum() / w[rows].sum()
+            norm = w[rows].sum() if self.cfg.label_reduction == "weight_sum" else ce[rows].numel()
+            losses[f"loss_label{suffix}"] = ce[rows].sum() / norm
         if out.proj_queries is not None:
             losses["loss_span_nce"] = self.span_nce(out, n[layer_of == L - 1] % B,
                                                     q[layer_of == L - 1])
@@ -101,10 +104,14 @@ class SetCriterion(nn.Module):
 
     # ---- highlight detection -----------------------------------------------------------------
     def margin_loss(self, s: torch.Tensor, batch: Batch) -> torch.Tensor:
-        """Pairwise hinge: each positive clip beats its paired negative by the margin."""
+        """Pairwise hinge: each positive clip beats its paired negative by the margin.
+
+        Mean over the B x P pairs, times 2 (the reference's scale): QVHighlights' 2 pairs per
+        sample give sum / B, TVSum's single hard pair weighs as much per pair.
+        """
         pos = s.gather(1, batch.saliency_pos_idx)  # (B, P)
         neg = s.gather(1, batch.saliency_neg_idx)
-        return (self.cfg.margin + neg - pos).clamp(min=0).sum() / s.shape[0]
+        return (self.cfg.margin + neg - pos).clamp(min=0).mean() * 2
 
     def rank_contrastive_loss(
         self, s: torch.Tensor, s_neg: torch.Tensor | None, labels: torch.Tensor, mask: torch.Tensor
@@ -152,19 +159,33 @@ class SetCriterion(nn.Module):
     def hard_losses(
         self, s: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Hard positive (MSE on relevant clips) and hard negative (on the others), normalised."""
+        """Hard positive (MSE on relevant clips) and hard negative (on the others), normalised.
+
+        Padding contributes no error, but the mean runs over all B x Lv cells as the reference's
+        MSE does: Table 7's per-domain hl coefficients were chosen with that scale on TVSum's
+        55-323-clip videos padded to the batch maximum.
+        """
         s_n = F.normalize(self._rescaled(s, labels, mask), dim=1, eps=1e-6)
         y_n = F.normalize(labels * mask, dim=1, eps=1e-6)
         pos = (labels > 0) & mask
         neg = (labels <= 0) & mask
-        sq = (y_n - s_n) ** 2
-        n_valid = mask.sum().clamp(min=1)
-        return (sq * pos).sum() / n_valid, (sq * neg).sum() / n_valid
+        sq = (y_n - s_n) ** 2  # (B, Lv)
+        return (sq * pos).mean(), (sq * neg).mean()
 
     def hard_weight(self, epoch: int) -> float:
         """W_j = (epoch + 1) * hl_coef: hard clips weigh more as training goes on (spec 6c.7)."""
         w = (epoch + 1) * self.cfg.hl_coef
         return min(w, self.cfg.hl_cap) if self.cfg.hl_cap is not None else w
+
+    def saliency_alignment_loss(
+        self, out: ModelOutput, labels: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Clip-sentence profile alignment: cos(V'_j, mean text) over the clips, compared with the
+        GT saliency profile in L_ts's cosine form. A short path from the labels to FRA's output
+        (the reference trains it under its `cal` coefficient)."""
+        sentence = out.sym_text.float()  # (B, d) masked mean of the projected text
+        sim = F.cosine_similarity(out.refined_video.float(), sentence[:, None], dim=-1, eps=1e-6)
+        return self.cosine_loss(sim, labels, mask)  # sim (B, Lv)
 
     def symmetric_alignment_loss(self, out: ModelOutput) -> torch.Tensor:
         """L_sym: CLIP-style symmetric InfoNCE between pooled video and pooled text (6c.4)."""
@@ -195,6 +216,8 @@ class SetCriterion(nn.Module):
             losses["loss_tc"] = self.cosine_loss(out.saliency_mr.float(), labels, mask)
         losses["loss_hard_pos"], losses["loss_hard_neg"] = self.hard_losses(s, labels, mask)
         losses["loss_sym"] = self.symmetric_alignment_loss(out)
+        if c.sal_align_coef > 0 and out.refined_video is not None:
+            losses["loss_sal_align"] = self.saliency_alignment_loss(out, labels, mask)
 
         w_hard = self.hard_weight(epoch)
         saliency = (
@@ -207,6 +230,8 @@ class SetCriterion(nn.Module):
         )
         losses["loss_saliency"] = saliency
         total = c.saliency_coef * saliency + c.al_coef * losses["loss_sym"]
+        if "loss_sal_align" in losses:
+            total = total + c.sal_align_coef * losses["loss_sal_align"]
         for name, value in losses.items():
             if name.startswith("loss_span_nce"):
                 total = total + c.span_nce_coef * value

@@ -27,8 +27,8 @@ class ModelOutput:
     pred_spans: torch.Tensor  # (B, Nq, 2) (center, width) in [0, 1]
     saliency: torch.Tensor  # (B, Lv) HD scores from the matching query
     video_mask: torch.Tensor  # (B, Lv) bool
-    sym_video: torch.Tensor  # (B, d) pooled FRA video, for L_sym
-    sym_text: torch.Tensor  # (B, d) pooled text, for L_sym
+    sym_video: torch.Tensor  # (B, d) pooled video (model.align_video), for L_sym
+    sym_text: torch.Tensor  # (B, d) pooled projected text, for L_sym
     logit_scale: torch.Tensor  # () learnable log-temperature of L_sym
     saliency_neg: torch.Tensor | None = None  # (B, Lv) with the mismatched query
     saliency_mr: torch.Tensor | None = None  # (B, Lv) MR->HD branch
@@ -37,6 +37,7 @@ class ModelOutput:
     proj_queries: torch.Tensor | None = None  # (L, B, Nq, c) for the optional span NCE
     proj_text: torch.Tensor | None = None  # (B, Lq, c)
     text_mask: torch.Tensor | None = None  # (B, Lq) bool
+    refined_video: torch.Tensor | None = None  # (B, Lv, d) FRA output, for the profile alignment
 
 
 class VideoLights(nn.Module):
@@ -57,8 +58,9 @@ class VideoLights(nn.Module):
         self.text_proj = InputProjection(
             cfg.text_dim, d, cfg.n_input_proj, cfg.input_dropout, cfg.proj_kernel_size
         )
-        self.fra = FeatureRefinementAlignment(d, cfg.dropout)
+        self.fra = FeatureRefinementAlignment(d, cfg.dropout) if cfg.fra else None
         self.text_pos = nn.Embedding(cfg.max_q_l, d)
+        nn.init.normal_(self.text_pos.weight, std=cfg.text_pos_std)
         ffn, drop, adrop = cfg.dim_feedforward, cfg.dropout, cfg.attention_dropout
         self.bicmf = BiCMF(cfg.bicmf_layers, d, cfg.nheads, ffn, drop, adrop)
         self.global_token = nn.Parameter(torch.randn(d) * 0.02)
@@ -101,18 +103,25 @@ class VideoLights(nn.Module):
             )
         v_proj = self.video_proj(video, vmask) * vmask[..., None]  # (B, Lv, d)
         t_proj = self.text_proj(text, tmask) * tmask[..., None]  # (B, Lq, d)
-        v_fra = self.fra(v_proj, t_proj, vmask, tmask)  # (B, Lv, d)
-        pos_v = sine_positions(vmask, self.cfg.hidden_dim).to(v_fra.dtype)  # (B, Lv, d)
-        pos_t = self.text_pos.weight[:Lq][None].to(v_fra.dtype)  # (1, Lq, d)
+        pos_v = sine_positions(vmask, self.cfg.hidden_dim).to(v_proj.dtype)  # (B, Lv, d)
+        pos_t = self.text_pos.weight[:Lq][None].to(v_proj.dtype)  # (1, Lq, d)
 
         n_pass = 2 if (self.cfg.negative_pass and B > 1) else 1
         if n_pass == 2:  # sample b is paired with the query of sample b+1
-            t_all = torch.cat((t_proj, t_proj.roll(-1, dims=0)))
+            t_all = torch.cat((t_proj, t_proj.roll(-1, dims=0)))  # (2B, Lq, d)
             tm_all = torch.cat((tmask, tmask.roll(-1, dims=0)))
-            v_all, vm_all, pv_all = (torch.cat((x, x)) for x in (v_fra, vmask, pos_v))
+            vp_all, vm_all, pv_all = (torch.cat((x, x)) for x in (v_proj, vmask, pos_v))
         else:
-            t_all, tm_all, v_all, vm_all, pv_all = t_proj, tmask, v_fra, vmask, pos_v
-        dtype = v_fra.dtype
+            t_all, tm_all, vp_all, vm_all, pv_all = t_proj, tmask, v_proj, vmask, pos_v
+        if self.fra is None:  # ablation: the projected clips go straight to Bi-CMF
+            v_all, v_fra = vp_all, v_proj
+        elif n_pass == 2 and not self.cfg.negative_fra:  # refined with the matching query
+            v_fra = self.fra(v_proj, t_proj, vmask, tmask)  # (B, Lv, d)
+            v_all = torch.cat((v_fra, v_fra))
+        else:  # each pass refines the clips with the query it is paired with
+            v_all = self.fra(vp_all, t_all, vm_all, tm_all)  # (nB, Lv, d)
+            v_fra = v_all[:B]
+        dtype = v_all.dtype
         fused = self.bicmf(  # (nB, Lv, d)
             v_all, t_all, additive_mask(vm_all, dtype), additive_mask(tm_all, dtype),
             pv_all, pos_t,
@@ -126,7 +135,10 @@ class VideoLights(nn.Module):
         memory = self.encoder(src, mask, pos)  # (nB, 1+Lv, d)
         saliency_all = self.saliency(memory)  # (nB, Lv)
 
-        hidden, refs = self.decoder(memory[:B], mask[:B], pos[:B], self.anchors.weight)
+        first = 1 if self.cfg.decoder_memory == "clips" else 0  # the global token is for HD
+        hidden, refs = self.decoder(
+            memory[:B, first:], mask[:B, ..., first:], pos[:B, first:], self.anchors.weight
+        )
         logits = self.class_embed(hidden)  # (L, B, Nq, 2)
         spans = (self.span_embed(hidden) + inverse_sigmoid(refs)).sigmoid()  # (L, B, Nq, 2)
 
@@ -137,9 +149,11 @@ class VideoLights(nn.Module):
             saliency_neg=saliency_all[B:] if n_pass == 2 else None,
             video_mask=vmask,
             text_mask=tmask,
-            sym_video=_masked_mean(v_fra, vmask),
+            sym_video=_masked_mean(v_proj if self.cfg.align_video == "projection" else v_fra,
+                                   vmask),
             sym_text=_masked_mean(t_proj, tmask),
             logit_scale=self.logit_scale,
+            refined_video=v_fra,
             aux_logits=list(logits[:-1].unbind(0)),
             aux_spans=list(spans[:-1].unbind(0)),
         )
