@@ -15,12 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.videos import write_pattern_video
 from vl.data.video import (
     VideoDecodeError,
     decode_clip_frames,
     num_clips,
     plan_intervals,
-    write_test_video,
 )
 
 WORDS = ["a", "man", "woman", "dog", "on", "the", "floor", "with", "in", "of", "red", "blue",
@@ -119,7 +119,7 @@ def test_intervals_exact_multiples_and_short_videos():
 
 def test_decode_keeps_the_frame_at_each_clip_centre(tmp_path):
     path = tmp_path / "v.mp4"
-    write_test_video(path, 23.0, fps=8, size=64, colors=COLORS)
+    write_pattern_video(path, 23.0, fps=8, size=64, colors=COLORS)
     video = decode_clip_frames(path, 2.0, frame_size=32)
     assert video.duration == pytest.approx(23.0)
     assert video.frames.shape == (12, 32, 32, 3)  # ceil(23 / 2) clips, downscaled
@@ -244,7 +244,7 @@ def test_corpus_job_on_s3_rows_shards_failures_rerun_and_mlflow(
     videos = tmp_path / "videos"
     for i, (name, seconds) in enumerate(DURATIONS.items()):
         (videos / name).parent.mkdir(parents=True, exist_ok=True)
-        write_test_video(videos / f"{name}.mp4", seconds, fps=8, size=64, seed=i)
+        write_pattern_video(videos / f"{name}.mp4", seconds, fps=8, size=64, seed=i)
     (videos / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypisom" + os.urandom(4000))
     (videos / "notes.txt").write_text("not a video")
     _upload_videos(videos, "s3://vl-data/raw-videos")
