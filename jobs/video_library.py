@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import os
 import pickle
+import socket
 import time
+import urllib.parse
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +37,28 @@ def decode_stage(row: dict[str, Any], clip_len: float, frame_size: int) -> dict[
         out["error"] = f"{row['uri']}: {type(err).__name__}: {err}"
     out["decode_s"] = time.perf_counter() - t0
     return out
+
+
+class StorageUnreachableError(OSError):
+    """The S3 endpoint a prefix lives on does not accept connections."""
+
+
+def check_s3_endpoint(uri: str, timeout_s: float = 3.0) -> None:
+    """For s3:// URIs with an explicit endpoint (AWS_ENDPOINT_URL[_S3]): fail in seconds, with
+    the endpoint named, when nothing listens there (the S3 client would retry for ~12 s and
+    then report a botocore error)."""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if not uri.startswith("s3://") or not endpoint:
+        return
+    url = urllib.parse.urlparse(endpoint)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname or "localhost", port), timeout=timeout_s).close()
+    except OSError as err:
+        raise StorageUnreachableError(
+            f"{uri}: the S3 endpoint {endpoint} does not answer ({err.strerror or err}); check "
+            "AWS_ENDPOINT_URL"
+        ) from None
 
 
 def ensure_ray() -> None:
