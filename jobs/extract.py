@@ -34,6 +34,7 @@ import numpy as np
 
 from jobs.pretrain_corpus import CorpusInputError, check_model_ref
 from jobs.video_library import (
+    DECODE_REMOTE_ARGS,
     Progress,
     ResourceError,
     StorageUnreachableError,
@@ -196,7 +197,7 @@ def build_dataset(todo: list[VideoSource], settings: ExtractSettings, opts: JobO
     ds = ray.data.from_items([asdict(s) for s in todo], override_num_blocks=max(1, len(todo)))
     ds = ds.map(decode_stage, fn_kwargs={"clip_len": settings.clip_len,
                                          "frame_size": settings.frame_size},
-                num_cpus=opts.decode_cpus)
+                num_cpus=opts.decode_cpus, **DECODE_REMOTE_ARGS)
     ds = ds.map_batches(
         ExtractStage,
         fn_constructor_kwargs={"settings": asdict(settings), "out": opts.out, "device": device,
@@ -312,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     except ExtractInputError as err:
         print(f"jobs.extract: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    if summary["videos_processed"] == 0 and summary["videos_failed"]:
+    if summary["videos_failed"] and not summary["videos_processed"] + summary[
+            "videos_already_done"]:
         print("jobs.extract: error: every video failed", file=sys.stderr)
         return EXIT_ALL_FAILED
     return 0

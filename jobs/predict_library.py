@@ -20,6 +20,7 @@ from jobs.errors import PreflightError
 from jobs.extract import FEATURE_DIRS, SETTINGS_FILE, feature_uri, finished, read_npz
 from jobs.predict import make_answerer, open_model, write_rows
 from jobs.video_library import (
+    DECODE_REMOTE_ARGS,
     Progress,
     ResourceError,
     StorageUnreachableError,
@@ -188,7 +189,8 @@ def _dataset(args: argparse.Namespace, items: list[dict[str, Any]], recipe: Any)
         raise PreflightError(str(err)) from None
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
     if args.videos:
-        ds = ds.map(decode_stage, fn_kwargs={"clip_len": recipe.clip_len, "frame_size": 224})
+        ds = ds.map(decode_stage, fn_kwargs={"clip_len": recipe.clip_len, "frame_size": 224},
+                    **DECODE_REMOTE_ARGS)
     ds = ds.map_batches(
         AnswerStage,
         fn_constructor_kwargs={"model": args.model, "clip_model": args.clip_model,

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from jobs.video_library import (
+    DECODE_REMOTE_ARGS,
     Progress,
     ResourceError,
     actor_resources,
@@ -347,7 +348,7 @@ def build_dataset(sources: list[VideoSource], opts: JobOptions, settings: Corpus
                              override_num_blocks=max(1, len(sources)))
     ds = ds.map(decode_stage, fn_kwargs={"clip_len": settings.clip_len,
                                          "frame_size": settings.frame_size},
-                num_cpus=opts.decode_cpus)
+                num_cpus=opts.decode_cpus, **DECODE_REMOTE_ARGS)
     ds = ds.map_batches(
         AnnotateStage,
         fn_constructor_kwargs={

@@ -20,6 +20,12 @@ from typing import Any
 
 from vl.data.video import VideoDecodeError, decode_clip_frames, local_video
 
+# A decode task holds one video's clip-centre frames (~150 kB per clip at 224 px) plus the
+# decoder: it reserves that much memory. The reservation also keeps Ray Data from fusing the
+# decode map into the model actors' operator (it fuses stages whose remote args match), which
+# would decode inside the few model actors, one video at a time.
+DECODE_REMOTE_ARGS: dict[str, Any] = {"memory": 256 * 2**20}
+
 
 def decode_stage(row: dict[str, Any], clip_len: float, frame_size: int) -> dict[str, Any]:
     """One video row (vid, uri, ...) -> the same row plus its pickled DecodedVideo in `payload`,

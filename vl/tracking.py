@@ -392,13 +392,19 @@ def _requirements() -> list[str]:
 
 
 def _features_of(checkpoint_path: str | os.PathLike) -> dict[str, Any]:
-    """The FeatureRecipe (as a dict) of a training checkpoint's config."""
+    """The FeatureRecipe (as a dict) of a training checkpoint's config (its preset fills what
+    the stored dict leaves out); empty when the checkpoint holds no usable config."""
     import torch
 
+    from vl.config import ConfigError, ExperimentConfig
     from vl.extractors import recipe_from_config
 
-    config = torch.load(checkpoint_path, map_location="cpu", weights_only=True)["config"]
-    return recipe_from_config(config).to_dict()
+    stored = torch.load(checkpoint_path, map_location="cpu", weights_only=True).get("config")
+    try:
+        cfg = ExperimentConfig.from_dict(stored, source=f"{checkpoint_path}:config")
+    except ConfigError:
+        return {}
+    return recipe_from_config(cfg.to_dict()).to_dict()
 
 
 def _metric_of(version: Any, metric_name: str) -> float | None:
