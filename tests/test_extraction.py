@@ -15,6 +15,11 @@ from vl.data.video import ClipFrameReader, decode_clip_frames
 from vl.long_video import Window, merge_windows, nms, plan_windows
 
 
+@pytest.fixture(autouse=True)
+def offline_hub(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # models load from local dirs; never the hub
+
+
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_clip(tmp_path_factory.mktemp("models") / "clip")
