@@ -1,10 +1,19 @@
-"""python -m jobs.predict: a registered model -> official-format predictions for a shard set.
+"""python -m jobs.predict: a registered model -> moments and highlights.
 
-The model is loaded through MLflow's pyfunc flavour (`models:/NAME@champion`, `runs:/ID/model`,
-a local path), i.e. exactly what a serving endpoint would run; this job only turns shards into
-the pyfunc's per-sample input (the same loader and collation as training, so features are
-normalised and carry the TEF dims the model was trained with) and writes the rows as JSONL.
-With --gt it also scores the rows against the shard set's ground truth.
+Four inputs, one model path. The model is loaded through MLflow's pyfunc flavour
+(`models:/NAME@champion`, `runs:/ID/model`, a local path), i.e. exactly what a serving endpoint
+runs; this job only builds its per-sample input:
+- `--data SHARDS --out rows.jsonl`: a shard set (the training loader and collation; --gt scores
+  the rows against the set's ground truth);
+- `--video PATH --query "..." [--query ...]`: a user's video, features extracted on the fly with
+  the extractors the model was trained with (the registered model records them), printed per
+  query as the top windows in seconds and the highest-saliency clips; `--out` writes the rows;
+- `--videos DIR|s3://... --queries Q.jsonl --out rows.jsonl`: a library, through Ray Data
+  (decode tasks, extractor + model actors), one row per (video, query);
+- `--features OUT --queries Q.jsonl --out rows.jsonl`: videos already extracted by jobs.extract.
+A video longer than the model's max_v_l clips is answered window by window (vl.long_video).
+Q.jsonl: one JSON object per line, {"query": "...", "qid": optional, "vid": optional}; a line
+without "vid" is asked of every video. Rows are written to a temporary name and renamed.
 """
 
 from __future__ import annotations
@@ -13,7 +22,9 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -69,20 +80,156 @@ def predict(model_uri: str, data: str, batch_size: int = 32) -> list[dict[str, A
     return out
 
 
+def write_rows(path: Path, rows: Iterable[dict[str, Any]]) -> int:
+    """JSONL at `path`, complete or not at all (temporary file in the same folder, renamed)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    n = 0
+    try:
+        with os.fdopen(fd, "w") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+                n += 1
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return n
+
+
+# ---- the model's feature recipe -----------------------------------------------------------------
+
+
+def model_recipe(model: Any):
+    """The FeatureRecipe the model records (vl.tracking), else the one its config implies."""
+    from vl.extractors import FeatureRecipe, recipe_from_config
+    from vl.tracking import FEATURES_METADATA
+
+    raw = (getattr(model.metadata, "metadata", None) or {}).get(FEATURES_METADATA)
+    if raw:
+        return FeatureRecipe.from_dict(raw)
+    return recipe_from_config(model.unwrap_python_model().cfg.to_dict())
+
+
+def open_model(uri: str, clip_model: str, device: str, threads: int | None = None):
+    """(pyfunc model, VideoAnswerer factory inputs) after checking the model's feature sets can
+    be extracted here; PreflightError (one line) otherwise."""
+    from vl.extractors import ExtractionError, build_extractors
+
+    try:
+        model = load_model(uri)
+    except Exception as err:  # noqa: BLE001 - MLflow raises many kinds; the user needs one line
+        raise PreflightError(f"cannot load model {uri}: {str(err).splitlines()[0]}") from None
+    recipe = model_recipe(model)
+    missing = recipe.missing()
+    if missing:
+        raise PreflightError(
+            f"model {uri} needs {recipe.describe()}; no extractor here for "
+            f"{', '.join(missing)} (jobs.predict extracts video 'clip' and text 'clip'; "
+            "use --data with pre-extracted shards, or train with configs/qvhighlights_clip.yaml)"
+        )
+    overrides = {"clip": clip_model} if clip_model else None
+    try:
+        extractors = build_extractors(recipe, models=overrides, device=device, threads=threads)
+    except (ExtractionError, OSError) as err:
+        raise PreflightError(f"model {uri}: {str(err).splitlines()[0]}") from None
+    return model, extractors
+
+
+def make_answerer(model: Any, extractors: Any, stride: int | None, iou: float,
+                  batch_size: int):
+    from vl.answers import VideoAnswerer
+
+    cfg = model.unwrap_python_model().cfg
+
+    def run(columns: dict[str, list]) -> list[dict[str, Any]]:
+        return model.predict(columns, params={"batch_size": batch_size})
+
+    return VideoAnswerer(run, extractors, max_v_l=cfg.data.max_v_l, stride=stride, iou=iou)
+
+
+# ---- one video ----------------------------------------------------------------------------------
+
+
+def check_queries(queries: list[str]) -> list[str]:
+    clean = [q.strip() for q in queries]
+    for i, q in enumerate(clean, 1):
+        if not q:
+            raise PreflightError(f"--query {i} is empty: give the text to search for")
+    return clean
+
+
+def predict_video(args: argparse.Namespace) -> int:
+    from vl.data.video import ClipFrameReader, VideoDecodeError
+
+    queries = check_queries(args.query or [])
+    if not queries:
+        raise PreflightError("--video needs at least one --query \"...\"")
+    try:  # the packet index only: a path that is not a video fails here, before the model
+        with ClipFrameReader(args.video, 1.0) as probe:
+            duration = probe.duration
+    except VideoDecodeError as err:
+        raise PreflightError(str(err)) from None
+    model, extractors = open_model(args.model, args.clip_model, args.device)
+    answerer = make_answerer(model, extractors, args.stride, args.iou, args.batch_size)
+    print(f"{args.video}: {duration:.1f} s; extracting {extractors.recipe.describe()}",
+          flush=True)
+    features = answerer.from_file(args.video)
+    rows = answerer.answer(features, queries)
+    vid = Path(args.video).stem
+    rows = [{"qid": i, "vid": vid, **r} for i, r in enumerate(rows)]
+    for row in rows:
+        print(format_answer(row, answerer.clip_len, args.top_k), flush=True)
+    if args.out:
+        n = write_rows(args.out, rows)
+        print(f"wrote {n} rows to {args.out}", flush=True)
+    return 0
+
+
+def format_answer(row: dict[str, Any], clip_len: float, top_k: int) -> str:
+    """The query, its top windows in seconds with scores, its highest-saliency clips."""
+    lines = [f"query {row['qid']}: {row['query']!r} ({row['duration']:.1f} s video)"]
+    for st, ed, score in row["pred_relevant_windows"][:top_k]:
+        lines.append(f"  moment {st:8.1f} s - {ed:8.1f} s   score {score:.4f}")
+    saliency = row.get("pred_saliency_scores")
+    if saliency:
+        best = sorted(range(len(saliency)), key=lambda j: -saliency[j])[:top_k]
+        clips = ", ".join(f"{j * clip_len:.0f}-{(j + 1) * clip_len:.0f} s ({saliency[j]:.3f})"
+                          for j in best)
+        lines.append(f"  highlights: {clips}")
+    return "\n".join(lines)
+
+
+# ---- CLI ----------------------------------------------------------------------------------------
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m jobs.predict",
-        description="Predict with a registered VideoLights model on a shard set and write "
-                    "official-format rows (JSONL). Needs MLFLOW_TRACKING_URI for models:/ URIs "
-                    "and AWS_* variables for s3:// shards.",
-    )
+        prog="python -m jobs.predict", description=__doc__.split("\n\n")[0],
+        epilog="Needs MLFLOW_TRACKING_URI for models:/ URIs and AWS_* variables for s3://.")
     parser.add_argument("--model", required=True,
                         help="model URI, e.g. models:/videolights-demo@champion or runs:/ID/model")
-    parser.add_argument("--data", required=True, help="shard set (s3://.../val or a local dir)")
-    parser.add_argument("--out", required=True, type=Path, help="predictions JSONL to write")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", help="shard set (s3://.../val or a local dir)")
+    source.add_argument("--video", help="one video file; ask it --query")
+    source.add_argument("--videos", help="a folder or s3:// prefix of videos; ask --queries")
+    source.add_argument("--features", help="jobs.extract output (OUT); ask --queries")
+    parser.add_argument("--query", action="append", help="text to search for (repeatable)")
+    parser.add_argument("--queries", type=Path, help="Q.jsonl for --videos / --features")
+    parser.add_argument("--out", type=Path, help="rows JSONL to write (required except with "
+                        "--video)")
     parser.add_argument("--gt", action="store_true",
-                        help="also score the predictions against the shard set's ground truth "
-                             "and print the brief metrics")
+                        help="--data: also score the rows against the shard set's ground truth")
+    parser.add_argument("--clip-model", default="", help="CLIP weights to extract with (local "
+                        "dir or hub id) instead of the ones the model records")
+    parser.add_argument("--stride", type=int, default=None, help="clips between window starts "
+                        "on long videos (default: max_v_l // 2)")
+    parser.add_argument("--iou", type=float, default=0.7, help="NMS IoU merging moments "
+                        "across windows (0.7)")
+    parser.add_argument("--top-k", type=int, default=5, help="moments / clips printed (5)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--workers", type=int, default=0, help="--videos/--features: model "
+                        "actors (default: one per GPU, else 1)")
     parser.add_argument("--batch-size", type=int, default=32)
     return parser
 
@@ -90,18 +237,29 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     args = build_parser().parse_args(argv)
+    if args.device == "auto":
+        args.device = None
     try:
-        manifest = require_manifest(args.data, "prediction")
         if args.model.startswith(("models:/", "runs:/")):
             check_tracking()
+        if args.data:
+            return predict_shards(args)
+        if args.video:
+            return predict_video(args)
+        from jobs.predict_library import predict_library
+
+        return predict_library(args)
     except PreflightError as err:
         print(f"jobs.predict: {err}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
+
+
+def predict_shards(args: argparse.Namespace) -> int:
+    if args.out is None:
+        raise PreflightError("--data needs --out rows.jsonl")
+    manifest = require_manifest(args.data, "prediction")
     rows = predict(args.model, args.data, args.batch_size)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
+    write_rows(args.out, rows)
     print(f"wrote {len(rows)} predictions to {args.out}", flush=True)
     if args.gt:
         from vl.data.dataset import read_annotations

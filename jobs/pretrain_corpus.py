@@ -25,7 +25,6 @@ import os
 import pickle
 import re
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -35,6 +34,14 @@ from typing import Any
 
 import numpy as np
 
+from jobs.video_library import (
+    DECODE_REMOTE_ARGS,
+    Progress,
+    ResourceError,
+    actor_resources,
+    decode_stage,
+    ensure_ray,
+)
 from vl.data.corpus import CorpusSettings, VideoInput, VideoResult
 from vl.data.shards import (
     DEFAULT_ROW_GROUP_ROWS,
@@ -50,7 +57,8 @@ from vl.data.shards import (
     write_manifest,
     write_shard,
 )
-from vl.data.video import VIDEO_EXTENSIONS, VideoDecodeError, decode_clip_frames
+from vl.data.video import VIDEO_EXTENSIONS, VideoListingError, VideoSource
+from vl.data.video import list_videos as _list_videos
 
 DATASET = "pretrain"
 SPLITS = ("train", "val")
@@ -68,39 +76,12 @@ class CorpusInputError(ValueError):
 # ---- listing and planning ----------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class VideoSource:
-    vid: str
-    uri: str
-    split: str = "train"
-
-
-def video_id(relative: str) -> str:
-    """A stable, unique-per-path id: the path under --videos without extension, '/' -> '__'."""
-    stem = str(PurePosixPath(relative).with_suffix(""))
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", stem.replace("/", "__"))
-
-
 def list_videos(videos: str) -> list[VideoSource]:
-    """Every video file under `videos` (a local directory or an s3:// prefix), sorted by path."""
-    fs, root = filesystem(videos)
+    """Every video under `videos` (vl.data.video.list_videos), listing errors as bad input."""
     try:
-        paths = fs.find(root) if fs.isdir(root) else []
-    except FileNotFoundError:
-        paths = []
-    found: dict[str, VideoSource] = {}
-    for path in sorted(paths):
-        if not path.lower().endswith(VIDEO_EXTENSIONS):
-            continue
-        rel = os.path.relpath(path, root) if not is_remote(videos) else path[len(root) :]
-        vid = video_id(rel.lstrip("/"))
-        uri = path if not is_remote(videos) else f"{videos.split('://')[0]}://{path}"
-        if vid in found:
-            raise CorpusInputError(
-                f"{found[vid].uri} and {uri} map to the same video id {vid!r}; rename one"
-            )
-        found[vid] = VideoSource(vid, uri)
-    return list(found.values())
+        return _list_videos(videos)
+    except VideoListingError as err:
+        raise CorpusInputError(str(err)) from None
 
 
 def _unit_hash(vid: str) -> float:
@@ -189,29 +170,6 @@ def check_settings(out: str, settings: CorpusSettings) -> None:
 # ---- pipeline stages (run in Ray workers) ------------------------------------------------------
 
 
-def decode_stage(row: dict[str, Any], clip_len: float, frame_size: int) -> dict[str, Any]:
-    """One video -> its frames (pickled VideoInput) or the decode error. Never raises."""
-    out = {"vid": row["vid"], "split": row["split"], "uri": row["uri"], "error": "",
-           "payload": b"", "decode_s": 0.0}
-    t0 = time.perf_counter()
-    try:
-        with tempfile.TemporaryDirectory(prefix="vl-video-") as tmp:
-            local = row["uri"]
-            if is_remote(local):
-                fs, path = filesystem(local)
-                local = os.path.join(tmp, PurePosixPath(path).name)
-                fs.get_file(path, local)
-            video = decode_clip_frames(local, clip_len, frame_size=frame_size, source=row["uri"])
-        payload = VideoInput(row["vid"], video.duration, video.frames, row["split"])
-        out["payload"] = pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)
-    except VideoDecodeError as err:
-        out["error"] = str(err)
-    except Exception as err:  # noqa: BLE001 - a bad video must never stop the corpus
-        out["error"] = f"{row['uri']}: {type(err).__name__}: {err}"
-    out["decode_s"] = time.perf_counter() - t0
-    return out
-
-
 class AnnotateStage:
     """Ray Data actor: holds the captioner and CLIP, annotates a batch of decoded videos."""
 
@@ -234,7 +192,11 @@ class AnnotateStage:
             if batch["error"][i]:
                 results[i] = VideoResult(str(batch["vid"][i]), str(batch["split"][i]),
                                          error=str(batch["error"][i]))
-        videos = [pickle.loads(batch["payload"][i]) for i in ok]
+        videos = []
+        for i in ok:
+            decoded = pickle.loads(batch["payload"][i])  # a vl.data.video.DecodedVideo
+            videos.append(VideoInput(str(batch["vid"][i]), decoded.duration, decoded.frames,
+                                     str(batch["split"][i])))
         try:
             done = self.annotator.annotate(videos) if videos else []
         except Exception:  # noqa: BLE001 - isolate the video that breaks the batch
@@ -367,27 +329,13 @@ class JobOptions:
     run_name: str = ""
 
 
-def _ensure_ray() -> None:
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=True)
-
-
 def _resources(opts: JobOptions) -> tuple[str, int, dict[str, float]]:
     """(device, actor count, per-actor resources) from the flags and the cluster."""
-    import ray
-
-    gpus = float(ray.cluster_resources().get("GPU", 0.0))
-    device = opts.device
-    if device == "auto":
-        device = "cuda" if gpus >= opts.gpus_per_worker > 0 else "cpu"
-    if device == "cuda":
-        if gpus < opts.gpus_per_worker:
-            raise CorpusInputError(f"--device cuda but the Ray cluster has {gpus:g} GPUs")
-        workers = opts.workers or max(1, int(gpus // opts.gpus_per_worker))
-        return device, workers, {"num_gpus": opts.gpus_per_worker, "num_cpus": 1}
-    return device, opts.workers or 1, {"num_cpus": opts.cpus_per_worker}
+    try:
+        return actor_resources(opts.device, opts.workers, opts.gpus_per_worker,
+                               opts.cpus_per_worker)
+    except ResourceError as err:
+        raise CorpusInputError(str(err)) from None
 
 
 def build_dataset(sources: list[VideoSource], opts: JobOptions, settings: CorpusSettings):
@@ -400,7 +348,7 @@ def build_dataset(sources: list[VideoSource], opts: JobOptions, settings: Corpus
                              override_num_blocks=max(1, len(sources)))
     ds = ds.map(decode_stage, fn_kwargs={"clip_len": settings.clip_len,
                                          "frame_size": settings.frame_size},
-                num_cpus=opts.decode_cpus)
+                num_cpus=opts.decode_cpus, **DECODE_REMOTE_ARGS)
     ds = ds.map_batches(
         AnnotateStage,
         fn_constructor_kwargs={
@@ -451,14 +399,15 @@ def run(settings: CorpusSettings, opts: JobOptions, log: Callable[[str], None] =
         summaries: list[dict[str, Any]] = []
         device, workers = "-", 0
         if todo:
-            _ensure_ray()
+            ensure_ray()
             ds, device, workers = build_dataset(todo, opts, settings)
             log(f"{len(listed)} videos under {opts.videos}: {len(done)} already done, "
                 f"processing {len(todo)} with {workers} {device} annotation worker(s)")
+            progress = Progress(len(todo))
             for row in ds.iter_rows():
                 s = json.loads(row["summary"])
                 summaries.append(s)
-                log(_progress(len(summaries), len(todo), s))
+                log(progress.step(_progress(s)))
         else:
             log(f"{len(listed)} videos under {opts.videos}: all already done")
         records = read_part_records(opts.out)
@@ -480,11 +429,10 @@ def run(settings: CorpusSettings, opts: JobOptions, log: Callable[[str], None] =
         raise
 
 
-def _progress(i: int, n: int, s: dict[str, Any]) -> str:
-    head = f"[{i}/{n}] {s['vid']}"
+def _progress(s: dict[str, Any]) -> str:
     if s["status"] != "ok":
-        return f"{head}: FAILED, skipped: {s['error']}"
-    return (f"{head} ({s['split']}): {s['rows']} rows, {s['clips']} clips, "
+        return f"{s['vid']}: FAILED, skipped: {s['error']}"
+    return (f"{s['vid']} ({s['split']}): {s['rows']} rows, {s['clips']} clips, "
             f"{s['duration']:.1f} s; decode {s['decode_s']:.2f} s, models {s['model_s']:.2f} s; "
             f"e.g. {s['captions'][0]!r}")
 

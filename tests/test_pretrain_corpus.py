@@ -15,17 +15,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.tiny_models import CLIP_PROJ, CLIP_TEXT_HIDDEN, TINY_VISION, WORDS, build_tiny_clip
+from tests.videos import write_pattern_video
 from vl.data.video import (
     VideoDecodeError,
     decode_clip_frames,
     num_clips,
     plan_intervals,
-    write_test_video,
 )
 
-WORDS = ["a", "man", "woman", "dog", "on", "the", "floor", "with", "in", "of", "red", "blue",
-         "car", "sitting", "standing", "kitchen"]
-CLIP_PROJ, CLIP_TEXT_HIDDEN = 16, 24
 DURATIONS = {"cooking": 25.0, "street/walk": 31.0, "beach": 35.0}
 COLORS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30)]
 
@@ -40,11 +38,6 @@ def build_tiny_models(root: Path) -> tuple[Path, Path]:
         BlipForConditionalGeneration,
         BlipImageProcessor,
         BlipProcessor,
-        CLIPConfig,
-        CLIPImageProcessor,
-        CLIPModel,
-        CLIPProcessor,
-        CLIPTokenizerFast,
     )
 
     torch.manual_seed(0)
@@ -52,8 +45,7 @@ def build_tiny_models(root: Path) -> tuple[Path, Path]:
     vocab = {t: i for i, t in enumerate(specials + WORDS)}
     tokenizer = BertTokenizerFast(vocab=vocab)
     tokenizer.add_special_tokens({"bos_token": "[DEC]"})
-    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-              "num_attention_heads": 4, "image_size": 32, "patch_size": 8}
+    vision = TINY_VISION
     blip_cfg = BlipConfig(
         text_config={"vocab_size": len(vocab), "hidden_size": 32, "intermediate_size": 64,
                      "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -66,24 +58,7 @@ def build_tiny_models(root: Path) -> tuple[Path, Path]:
     BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}),
                   tokenizer=tokenizer).save_pretrained(blip_dir)
 
-    chars = sorted(set("".join(WORDS)))
-    clip_vocab: dict[str, int] = {}
-    for t in ["<|startoftext|>", "<|endoftext|>", *chars, *(c + "</w>" for c in chars)]:
-        clip_vocab[t] = len(clip_vocab)
-    clip_cfg = CLIPConfig(
-        text_config={"vocab_size": len(clip_vocab), "hidden_size": CLIP_TEXT_HIDDEN,
-                     "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4,
-                     "max_position_embeddings": 77, "bos_token_id": 0, "eos_token_id": 1,
-                     "pad_token_id": 1},
-        vision_config=vision, projection_dim=CLIP_PROJ,
-    )
-    clip_dir = root / "clip"
-    CLIPModel(clip_cfg).save_pretrained(clip_dir)
-    CLIPProcessor(
-        image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
-                                           crop_size={"height": 32, "width": 32}),
-        tokenizer=CLIPTokenizerFast(vocab=clip_vocab, merges=[]),
-    ).save_pretrained(clip_dir)
+    clip_dir = build_tiny_clip(root / "clip")
     return blip_dir, clip_dir
 
 
@@ -119,7 +94,7 @@ def test_intervals_exact_multiples_and_short_videos():
 
 def test_decode_keeps_the_frame_at_each_clip_centre(tmp_path):
     path = tmp_path / "v.mp4"
-    write_test_video(path, 23.0, fps=8, size=64, colors=COLORS)
+    write_pattern_video(path, 23.0, fps=8, size=64, colors=COLORS)
     video = decode_clip_frames(path, 2.0, frame_size=32)
     assert video.duration == pytest.approx(23.0)
     assert video.frames.shape == (12, 32, 32, 3)  # ceil(23 / 2) clips, downscaled
@@ -172,32 +147,6 @@ def tiny_models() -> Iterator[tuple[Path, Path]]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-@pytest.fixture
-def local_ray(monkeypatch) -> Iterator[None]:
-    """An in-process Ray (2 CPUs) started after the test's environment is set, so its workers
-    inherit the S3 / MLflow / offline-hub variables."""
-    import ray
-
-    from cluster.local.common import NO_TELEMETRY_ENV
-
-    for key, value in {**NO_TELEMETRY_ENV, "HF_HUB_OFFLINE": "1",
-                       "TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false"
-                       }.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    temp_dir = tempfile.mkdtemp(prefix="vlpc", dir="/tmp")
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=int(3e8),
-             _temp_dir=temp_dir, log_to_driver=False)
-    try:
-        from ray.data import DataContext
-
-        DataContext.get_current().enable_progress_bars = False
-        yield
-    finally:
-        ray.shutdown()
-        shutil.rmtree(temp_dir, ignore_errors=True)
-
-
 def _upload_videos(local_dir: Path, prefix: str) -> None:
     from vl.data.shards import filesystem
 
@@ -244,7 +193,7 @@ def test_corpus_job_on_s3_rows_shards_failures_rerun_and_mlflow(
     videos = tmp_path / "videos"
     for i, (name, seconds) in enumerate(DURATIONS.items()):
         (videos / name).parent.mkdir(parents=True, exist_ok=True)
-        write_test_video(videos / f"{name}.mp4", seconds, fps=8, size=64, seed=i)
+        write_pattern_video(videos / f"{name}.mp4", seconds, fps=8, size=64, seed=i)
     (videos / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypisom" + os.urandom(4000))
     (videos / "notes.txt").write_text("not a video")
     _upload_videos(videos, "s3://vl-data/raw-videos")

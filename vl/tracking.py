@@ -37,6 +37,7 @@ CHAMPION_ALIAS = "champion"
 SELECTION_METRIC_TAG = "vl.selection_metric"
 SELECTION_VALUE_TAG = "vl.selection_value"
 CHECKPOINT_ARTIFACT = "checkpoint"
+FEATURES_METADATA = "vl.features"  # MLmodel metadata: the FeatureRecipe the model's inputs need
 
 # A config key that names a secret is never logged, whatever its value looks like.
 _CREDENTIAL_KEY = re.compile(r"secret|password|passwd|token|access_key|key_id|credential")
@@ -390,6 +391,22 @@ def _requirements() -> list[str]:
         return ["videolights-ray"]
 
 
+def _features_of(checkpoint_path: str | os.PathLike) -> dict[str, Any]:
+    """The FeatureRecipe (as a dict) of a training checkpoint's config (its preset fills what
+    the stored dict leaves out); empty when the checkpoint holds no usable config."""
+    import torch
+
+    from vl.config import ConfigError, ExperimentConfig
+    from vl.extractors import recipe_from_config
+
+    stored = torch.load(checkpoint_path, map_location="cpu", weights_only=True).get("config")
+    try:
+        cfg = ExperimentConfig.from_dict(stored, source=f"{checkpoint_path}:config")
+    except ConfigError:
+        return {}
+    return recipe_from_config(cfg.to_dict()).to_dict()
+
+
 def _metric_of(version: Any, metric_name: str) -> float | None:
     tags = version.tags or {}
     if tags.get(SELECTION_METRIC_TAG) != metric_name or SELECTION_VALUE_TAG not in tags:
@@ -404,6 +421,7 @@ def log_and_register_model(
     metric_name: str,
     metric_value: float,
     higher_is_better: bool = True,
+    features: Mapping[str, Any] | None = None,
 ) -> tuple[str, bool]:
     """Log the checkpoint as a pyfunc model in the run, register a version, and move the
     `champion` alias to it only if it beats the current champion on `metric_name`.
@@ -411,8 +429,13 @@ def log_and_register_model(
     The model directory is built locally and uploaded with the client, so the run's status is
     never touched (the fluent `log_model` would need an active run and end it). A champion
     without a comparable tag (other metric, or none) is replaced. Returns (version, champion?).
+    The model's MLmodel metadata records which feature sets (and extractor models) its inputs
+    need (`features`, a FeatureRecipe dict; by default derived from the checkpoint's config),
+    so jobs.predict --video knows what to extract for it.
     """
     client = MlflowClient()
+    if features is None:
+        features = _features_of(checkpoint_path)
     with tempfile.TemporaryDirectory(prefix="vl-model-") as tmp:
         local = Path(tmp) / "model"
         mlflow.pyfunc.save_model(
@@ -420,6 +443,7 @@ def log_and_register_model(
             python_model=VideoLightsPyfunc(),
             artifacts={CHECKPOINT_ARTIFACT: str(checkpoint_path)},
             pip_requirements=_requirements(),
+            metadata={FEATURES_METADATA: dict(features)},
         )
         client.log_artifacts(run_id, str(local), artifact_path="model")
     try:

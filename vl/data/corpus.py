@@ -29,6 +29,7 @@ import numpy as np
 from vl.data.features import l2_normalize
 from vl.data.shards import ShardRow
 from vl.data.video import Interval, plan_intervals
+from vl.extractors import ClipImageExtractor, ClipModel, ClipTextExtractor
 
 FEATURE_SET = "clip"
 
@@ -146,12 +147,6 @@ def interval_rows(
     return rows, empty
 
 
-def default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 class CorpusAnnotator:
     """A captioning model (BLIP or any `AutoModelForImageTextToText`) and a CLIP model, loaded
     once per worker from a local directory or a hub id, annotating videos in batches.
@@ -169,31 +164,23 @@ class CorpusAnnotator:
         clip_batch: int = 128,
         threads: int | None = None,
     ) -> None:
-        import torch
-        from transformers import (
-            AutoModelForImageTextToText,
-            AutoProcessor,
-            CLIPModel,
-        )
-        from transformers.utils import logging as hf_logging
+        from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        hf_logging.disable_progress_bar()
         settings.validate()
-        if threads is not None:
-            torch.set_num_threads(max(1, threads))
         self.settings = settings
-        self.device = torch.device(device or default_device())
-        self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        # CLIP through the shared extractors (vl.extractors): the corpus' features are made by
+        # the same code as jobs.extract's and jobs.predict's
+        self.clip = ClipModel(settings.clip, device=device, threads=threads)
+        self.device, self.dtype = self.clip.device, self.clip.dtype
+        self.image_extractor = ClipImageExtractor(self.clip, clip_len=settings.clip_len,
+                                                  batch_size=clip_batch)
+        self.text_extractor = ClipTextExtractor(self.clip, max_tokens=settings.max_q_l,
+                                                batch_size=clip_batch)
         self.caption_batch = max(1, caption_batch)
-        self.clip_batch = max(1, clip_batch)
         self.caption_processor = AutoProcessor.from_pretrained(settings.captioner)
         self.captioner = AutoModelForImageTextToText.from_pretrained(
             settings.captioner, dtype=self.dtype
         ).to(self.device).eval()
-        self.clip_processor = AutoProcessor.from_pretrained(settings.clip)
-        self.clip = CLIPModel.from_pretrained(settings.clip, dtype=self.dtype).to(
-            self.device
-        ).eval()
 
     # -- model calls (batched) ----------------------------------------------------------------
 
@@ -221,41 +208,11 @@ class CorpusAnnotator:
 
     def image_embeddings(self, frames: np.ndarray) -> np.ndarray:
         """(N, H, W, 3) uint8 -> (N, projection_dim) float32 CLIP image embeddings."""
-        import torch
-
-        parts = []
-        with torch.inference_mode():
-            for i in range(0, len(frames), self.clip_batch):
-                chunk = list(frames[i : i + self.clip_batch])
-                pixels = self.clip_processor(images=chunk, return_tensors="pt")["pixel_values"]
-                vision = self.clip.vision_model(pixel_values=pixels.to(self.device, self.dtype))
-                parts.append(self.clip.visual_projection(vision.pooler_output).float().cpu())
-        return torch.cat(parts).numpy()
+        return self.image_extractor(frames)
 
     def text_features(self, captions: Sequence[str]) -> tuple[list[np.ndarray], np.ndarray]:
         """Per caption its token features (n_tokens, hidden) SOT..EOT, and (N, proj) embeds."""
-        import torch
-
-        tokens: list[np.ndarray] = []
-        embeds = []
-        with torch.inference_mode():
-            for i in range(0, len(captions), self.clip_batch):
-                chunk = list(captions[i : i + self.clip_batch])
-                enc = self.clip_processor(
-                    text=chunk,
-                    return_tensors="pt",
-                    padding=True,
-                    truncation=True,
-                    max_length=self.settings.max_q_l,
-                )
-                ids = enc["input_ids"].to(self.device)
-                mask = enc["attention_mask"].to(self.device)
-                out = self.clip.text_model(input_ids=ids, attention_mask=mask)
-                hidden = out.last_hidden_state.float().cpu().numpy()
-                lengths = mask.sum(dim=1).tolist()
-                tokens.extend(hidden[b, : int(n)] for b, n in enumerate(lengths))
-                embeds.append(self.clip.text_projection(out.pooler_output).float().cpu())
-        return tokens, torch.cat(embeds).numpy()
+        return self.text_extractor.encode(captions)
 
     # -- one batch of videos --------------------------------------------------------------------
 
