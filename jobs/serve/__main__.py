@@ -122,7 +122,12 @@ def _ray_address() -> str | None:
 
 def deploy(args: argparse.Namespace, options: ServeOptions, log: Any = print) -> int:
     """Deploy and block until a signal; returns the exit code."""
-    ray.init(address=_ray_address(), log_to_driver=False, logging_level=logging.WARNING)
+    address = _ray_address()
+    try:
+        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+    except (ConnectionError, RuntimeError) as err:
+        raise PreflightError(f"cannot connect to the Ray cluster at {address}: "
+                             f"{str(err).splitlines()[0]}") from None
     logging.getLogger("ray.serve").setLevel(logging.WARNING)
     serve.start(http_options={"host": args.host, "port": args.port})
     t0 = time.monotonic()

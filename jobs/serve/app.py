@@ -274,6 +274,6 @@ def build(args: dict[str, Any]) -> Application:
         num_replicas=options.replicas,
         # room for one batch computing and the next one filling
         max_ongoing_requests=2 * options.max_batch_size,
-        max_constructor_retry_count=2,
+        max_constructor_retry_count=1,  # a broken model fails fast; one retry for a blip
         ray_actor_options={"num_cpus": options.num_cpus, "runtime_env": {"env_vars": env}},
     ).bind(options)

@@ -56,8 +56,9 @@ class ModelRef:
 
     @property
     def uri(self) -> str:
-        return f"{_PREFIX}{self.name}@{self.alias}" if self.alias else self.version_uri(
-            self.version)
+        if self.alias:
+            return f"{_PREFIX}{self.name}@{self.alias}"
+        return self.version_uri(self.version)
 
     def version_uri(self, version: str) -> str:
         return f"{_PREFIX}{self.name}/{version}"
