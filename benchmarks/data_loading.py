@@ -38,8 +38,9 @@ from vl.data.features import (
     load_video_set,
     parse_feature_dirs,
 )
-from vl.data.shards import ShardManifest, filesystem, join_uri
+from vl.data.shards import ShardManifest
 from vl.data.synthetic import SyntheticConfig, generate
+from vl.storage import filesystem, join_uri
 
 
 class NpzDataset(Dataset):

@@ -13,7 +13,8 @@ import warnings
 from dataclasses import dataclass
 
 from vl.config import ConfigError, ExperimentConfig
-from vl.data.shards import ShardManifest, filesystem, is_remote, read_manifest
+from vl.data.shards import ShardManifest, read_manifest
+from vl.storage import filesystem, is_remote
 
 EXIT_BAD_INPUT = 2
 

@@ -42,13 +42,10 @@ from vl.data.shards import (
     ShardInfo,
     ShardManifest,
     ShardRow,
-    filesystem,
-    join_uri,
-    read_bytes,
-    write_bytes,
     write_manifest,
     write_shard,
 )
+from vl.storage import filesystem, join_uri, read_bytes, write_bytes
 
 
 @dataclass(frozen=True)

@@ -135,7 +135,7 @@ def test_s3_and_registered_model_sources(pretrained, s3_env, tmp_path, monkeypat
     from mlflow.tracking import MlflowClient
 
     from vl import tracking
-    from vl.data.shards import filesystem
+    from vl.storage import filesystem
 
     cfg, pre = pretrained
     local = tmp_path / "model.pt"

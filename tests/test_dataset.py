@@ -186,7 +186,7 @@ def test_s3_shards_are_cached_locally(qvh, s3_env, tmp_path: Path) -> None:
                                                                    "qvhighlights"))  # fmt: skip
     assert len(list(cache.glob("*.parquet"))) == -(-layout.num_train // 8)  # one file per shard
     # With the shard objects gone, a new dataset still streams from the local cache.
-    from vl.data.shards import filesystem
+    from vl.storage import filesystem
 
     fs, path = filesystem(out)
     for f in fs.ls(path):

@@ -199,7 +199,7 @@ def local_ray(monkeypatch) -> Iterator[None]:
 
 
 def _upload_videos(local_dir: Path, prefix: str) -> None:
-    from vl.data.shards import filesystem
+    from vl.storage import filesystem
 
     fs, root = filesystem(prefix)
     for path in sorted(local_dir.rglob("*")):

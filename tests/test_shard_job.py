@@ -11,8 +11,9 @@ import pytest
 
 from jobs.shard import main, run
 from vl.data.annotations import load_annotations
-from vl.data.shards import filesystem, read_annotations, read_manifest
+from vl.data.shards import read_annotations, read_manifest
 from vl.data.synthetic import SyntheticConfig, generate
+from vl.storage import filesystem
 
 DIMS = {"slowfast": 12, "clip": 8, "blip": 8}
 

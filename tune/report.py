@@ -34,12 +34,6 @@ class TrialOutcome:
     run_id: str = ""
 
 
-@dataclass
-class DomainBest:
-    domain: str
-    trial: TrialOutcome
-
-
 def order_domains(domains: Sequence[str]) -> list[str]:
     """Domains in the paper's column order."""
     return sorted(domains, key=PAPER_DOMAIN_ORDER.index)

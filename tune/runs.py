@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 
 from tune.report import TrialOutcome
-from tune.trial import BEST_FILE, DOMAIN_TAG, STOPPED_EARLY_TAG, TRIAL_TAG
+from tune.trial import BEST_FILE, DOMAIN_TAG, STOPPED_EARLY_TAG
 from vl import tracking
 
 KIND_TAG = "vl.kind"
@@ -188,9 +188,3 @@ def log_summary(experiment: str, search_name: str, artifacts: dict[str, str],
     tracking.log_epoch(run_id, 0, metrics)
     client.set_terminated(run_id, status="FINISHED")
     return run_id
-
-
-def trial_tags_ok(run: Any, domain: str) -> bool:
-    """A child run carries its domain and trial id (used by tests and the docs' queries)."""
-    tags = run.data.tags
-    return tags.get(DOMAIN_TAG) == domain and bool(tags.get(TRIAL_TAG))

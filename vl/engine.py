@@ -20,7 +20,7 @@ from torch import nn
 from vl.config import TrainConfig
 from vl.data.batch import Batch
 from vl.losses.criterion import SetCriterion
-from vl.losses.spans import cxw_to_xx
+from vl.spans import cxw_to_xx
 
 # datasets whose official rows carry per-clip saliency / moments (EVAL_SPEC, spec section 5)
 # pretrain: saliency there is a CLIP similarity, not an annotator grade (spec 1.3): evaluated

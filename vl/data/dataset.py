@@ -27,7 +27,6 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from vl.data.annotations import (
     DEFAULT_CLIP_LEN,
     MAX_WINDOWS,
-    PAIRS_PER_SAMPLE,
     Annotation,
     Targets,
     build_targets,
@@ -39,12 +38,12 @@ from vl.data.shards import (
     ShardManifest,
     decode_features,
     fetch_shard,
-    is_remote,
     read_annotations,
     read_manifest,
     text_column,
     video_column,
 )
+from vl.storage import is_remote
 
 __all__ = ["Sample", "ShardDataset", "collate", "make_loader", "read_annotations", "sample_rng"]
 
@@ -310,10 +309,6 @@ class ShardDataset(IterableDataset):
     def text_dim(self) -> int:
         dims = {f.name: f.dim for f in self.manifest.text_features}
         return sum(dims[n] for n in self.text_sets)
-
-    @property
-    def pairs_per_sample(self) -> int:
-        return PAIRS_PER_SAMPLE[self.dataset]
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose shuffle and random targets the next iteration uses."""

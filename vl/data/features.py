@@ -175,11 +175,3 @@ def load_text_set(
         raise FileNotFoundError(f"text features {d.name!r} for qid {qid!r} not in {d.path}")
     key = "token" if dataset == "tvsum" else "last_hidden_state"
     return np.asarray(_read_array(path, key)[:max_q_l], dtype=np.float32)
-
-
-def load_sets(
-    loaders: list[tuple[str, np.ndarray]],
-) -> dict[str, np.ndarray]:
-    """Normalise each set and truncate all to the shortest (spec 1.2)."""
-    n = min(len(a) for _, a in loaders)
-    return {name: l2_normalize(a[:n]) for name, a in loaders}
