@@ -17,7 +17,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from jobs.errors import EXIT_BAD_INPUT, PreflightError, check_tracking, require_manifest
+from jobs.preflight import EXIT_BAD_INPUT, PreflightError, check_tracking, require_manifest
 
 
 def shard_inputs(uri: str, cfg: Any) -> tuple[dict[str, list], list[dict[str, Any]]]:

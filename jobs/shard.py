@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+import ray
 
 from vl.data.annotations import DATASETS, DEFAULT_CLIP_LEN, Annotation, load_annotations
 from vl.data.features import (
@@ -201,10 +202,6 @@ def _want_ray(mode: str) -> bool:
         return False
     if mode == "on":
         return True
-    try:
-        import ray
-    except ImportError:
-        return False
     return ray.is_initialized() or bool(os.environ.get("RAY_ADDRESS"))
 
 
@@ -287,8 +284,6 @@ def run(
         f"done, converting {len(todo)} {'with Ray tasks' if use_ray else 'in-process'}"
     )
     if use_ray:
-        import ray
-
         if not ray.is_initialized():
             ray.init(address=os.environ.get("RAY_ADDRESS") or "auto", log_to_driver=False)
         task = ray.remote(num_cpus=1)(convert_shard)

@@ -10,10 +10,10 @@ import torch
 
 from vl.checkpoint import CheckpointMismatchError, load_weights, read_weights
 from vl.config import ExperimentConfig
-from vl.data.random_batch import random_batch
 from vl.engine import build_optimizer, forward, train_step
 from vl.losses import build_criterion
 from vl.model import build_model
+from vl.testing import random_batch
 
 
 def tiny_cfg(**model_overrides) -> ExperimentConfig:
@@ -134,7 +134,7 @@ def test_s3_and_registered_model_sources(pretrained, s3_env, tmp_path, monkeypat
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from vl import tracking
+    from vl import serving, tracking
     from vl.storage import filesystem
 
     cfg, pre = pretrained
@@ -152,7 +152,7 @@ def test_s3_and_registered_model_sources(pretrained, s3_env, tmp_path, monkeypat
     try:
         MlflowClient().create_experiment("pretrain", artifact_location=(tmp_path / "art").as_uri())
         run_id = tracking.start_or_resume_run("pretrain", "pre-1")
-        version, champion = tracking.log_and_register_model(
+        version, champion = serving.log_and_register_model(
             run_id, local, "vl-pretrained", "MR-full-R1_at_0.5", 50.0)
         assert champion
         tracking.finish_run(run_id)

@@ -40,7 +40,7 @@ def val_shards(tmp_path_factory: pytest.TempPathFactory) -> str:
 @pytest.fixture
 def registered(mlflow_env, tmp_path: Path) -> tuple[str, ExperimentConfig, dict]:
     """A (randomly initialised) smoke model registered as NAME with alias champion."""
-    from vl import tracking
+    from vl import serving, tracking
     from vl.model import build_model
 
     cfg = ExperimentConfig.from_yaml(REPO / "configs/smoke.yaml",
@@ -51,7 +51,7 @@ def registered(mlflow_env, tmp_path: Path) -> tuple[str, ExperimentConfig, dict]
     torch.save({"model": weights, "config": cfg.to_dict(), "epoch": 0}, path)
     name = f"vl-predict-{uuid.uuid4().hex[:8]}"
     run_id = tracking.start_or_resume_run("test-predict", name)
-    version, champion = tracking.log_and_register_model(run_id, path, name, "selection", 1.0)
+    version, champion = serving.log_and_register_model(run_id, path, name, "selection", 1.0)
     tracking.finish_run(run_id)
     assert champion and version == "1"
     return name, cfg, weights

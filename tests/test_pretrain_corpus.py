@@ -330,7 +330,7 @@ def test_corpus_job_on_s3_rows_shards_failures_rerun_and_mlflow(
                 atol=5e-3)
 
     # what jobs.train does with it: preflight (dims from the manifests), model, loss
-    from jobs.errors import check_data
+    from jobs.preflight import check_data
     from vl.config import ExperimentConfig
     from vl.engine import evaluate, forward
     from vl.losses import build_criterion

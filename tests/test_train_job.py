@@ -201,14 +201,14 @@ def test_submit_stop_resubmit_register_and_predict(shards, stack_env, mlflow_env
 
 
 def test_killed_worker_is_replaced_and_training_resumes(shards, stack_env, mlflow_env):
-    """train.fail_at_step: rank 1 exits hard once mid-epoch; Ray restarts the group from the
+    """scale.fail_at_step: rank 1 exits hard once mid-epoch; Ray restarts the group from the
     latest checkpoint and the job still succeeds with every epoch and one MLflow run."""
     name = f"fault-{_uid()}"
     epochs = 3
     # 48 train queries, 2 ranks, batch 8 -> 3 steps per epoch: step 5 is inside epoch 2.
     entry = _entrypoint("--data", shards, "--storage", "s3://vl-runs/test_train_job",
                         "--name", name, "--set", f"train.epochs={epochs}",
-                        "--set", "train.fail_at_step=5", *FAST)
+                        "--set", "scale.fail_at_step=5", *FAST)
     done = submit(stack_env, name, entry)
     log = done.stdout + done.stderr
     assert done.returncode == 0, log[-5000:]
@@ -292,7 +292,7 @@ def test_help_explains_every_option():
 
 def _smoke_model_state(shards: str, *overrides: str) -> dict:
     """A state_dict of the smoke model with the shards' input dims (plus overrides)."""
-    from jobs.errors import check_data
+    from jobs.preflight import check_data
     from vl.config import ExperimentConfig
     from vl.model import build_model
 

@@ -1,5 +1,5 @@
 """The official per-file feature layout (spec 1.1-1.2): feature-set names, directory names, npz
-reading, L2 normalisation and the temporal endpoint feature (TEF).
+reading and L2 normalisation.
 
 Both the shard converter and the per-sample npz baseline read features through this module, so
 "what a feature set is" is decided in one place.
@@ -15,7 +15,6 @@ import numpy as np
 
 VIDEO_FEATURE_DIMS = {"slowfast": 2304, "clip": 512, "blip": 768, "i3d": 2048}
 TEXT_FEATURE_DIMS = {"clip": 512, "blip": 768}
-TEF_DIM = 2
 NORM_EPS = 1e-5
 
 # Official directory names -> feature-set names (spec 1.1).
@@ -114,12 +113,6 @@ def l2_normalize(x: np.ndarray, eps: float = NORM_EPS) -> np.ndarray:
     """Row-wise x / (||x|| + eps) in float32, as the reference does per clip / per token."""
     x = np.asarray(x, dtype=np.float32)
     return x / (np.linalg.norm(x, axis=-1, keepdims=True) + eps)
-
-
-def tef(n: int) -> np.ndarray:
-    """Temporal endpoint feature (n, 2): (i/n, (i+1)/n) for clip i."""
-    start = np.arange(n, dtype=np.float32) / max(n, 1)
-    return np.stack([start, start + 1.0 / max(n, 1)], axis=1)
 
 
 # --- file lookup --------------------------------------------------------------------------------

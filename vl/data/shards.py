@@ -22,7 +22,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -92,6 +92,21 @@ class ShardManifest:
     @property
     def num_rows(self) -> int:
         return sum(s.num_rows for s in self.shards)
+
+    def input_widths(self, video_sets: Sequence[str], text_sets: Sequence[str]) -> tuple[int, int]:
+        """(model.video_dim, model.text_dim) of the chosen feature sets: their stored widths
+        summed, without the TEF dims the loader appends. The one place a model's input widths
+        come from the data; ValueError names any set the shards do not hold."""
+        widths = []
+        for modality, wanted, stored in (("video", video_sets, self.video_features),
+                                         ("text", text_sets, self.text_features)):  # fmt: skip
+            dims = {f.name: f.dim for f in stored}
+            missing = [w for w in wanted if w not in dims]
+            if missing:
+                raise ValueError(f"{modality} feature sets {missing} are not in the shards (they "
+                                 f"hold {sorted(dims)}); fix data.{modality}_features")
+            widths.append(sum(dims[w] for w in wanted))
+        return widths[0], widths[1]
 
     def to_json(self) -> str:
         d = asdict(self)
