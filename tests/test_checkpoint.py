@@ -4,15 +4,20 @@ first fine-tuning loss equal to the pretrained model's loss on the same batch.""
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
+import mlflow
 import pytest
 import torch
+from mlflow.tracking import MlflowClient
 
+from vl import serving, tracking
 from vl.checkpoint import CheckpointMismatchError, load_weights, read_weights
 from vl.config import ExperimentConfig
 from vl.engine import build_optimizer, forward, train_step
 from vl.losses import build_criterion
 from vl.model import build_model
+from vl.storage import filesystem
 from vl.testing import random_batch
 
 
@@ -131,11 +136,6 @@ def test_mismatch_names_every_tensor(pretrained):
 
 def test_s3_and_registered_model_sources(pretrained, s3_env, tmp_path, monkeypatch):
     """s3:// checkpoint folders and `models:/NAME@champion` (registry on a local SQLite store)."""
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
-    from vl import serving, tracking
-    from vl.storage import filesystem
 
     cfg, pre = pretrained
     local = tmp_path / "model.pt"
@@ -169,8 +169,6 @@ def test_s3_and_registered_model_sources(pretrained, s3_env, tmp_path, monkeypat
 def test_pretrain_and_finetune_configs_build_the_same_network():
     """configs/pretrain.yaml -> configs/qvhighlights_finetune.yaml: the paper's coefficients and a
     checkpoint of the first loads into the second."""
-    from pathlib import Path
-
     root = Path(__file__).resolve().parents[1] / "configs"
     pre = ExperimentConfig.from_yaml(root / "pretrain.yaml")
     fine = ExperimentConfig.from_yaml(root / "qvhighlights_finetune.yaml")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from cluster.local.common import NO_TELEMETRY_ENV
 from jobs.shard import main, run
 from vl.data.annotations import load_annotations
 from vl.data.shards import read_annotations, read_manifest
@@ -99,7 +100,6 @@ def test_ray_tasks_write_the_same_shards(
     layout, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     ray = pytest.importorskip("ray")
-    from cluster.local.common import NO_TELEMETRY_ENV
 
     for k, v in NO_TELEMETRY_ENV.items():
         monkeypatch.setenv(k, v)

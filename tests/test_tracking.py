@@ -10,11 +10,19 @@ from __future__ import annotations
 import time
 import uuid
 
+import mlflow.pyfunc
 import numpy as np
+import pandas as pd
 import pytest
+import torch
+from mlflow.tracking import MlflowClient
 
 from cluster.local.common import free_port
 from vl import figures, serving, tracking
+from vl.config import ExperimentConfig
+from vl.data.batch import Batch
+from vl.engine import predict_rows
+from vl.model import build_model
 
 
 def _name(prefix: str) -> str:
@@ -91,8 +99,6 @@ def test_check_tracking_server_accepts_running_server(mlflow_env):
 
 
 def test_start_or_resume_run_continues_the_tagged_run(mlflow_env):
-    from mlflow.tracking import MlflowClient
-
     experiment = _name("exp")
     first = tracking.start_or_resume_run(experiment, "trial-a")
     tracking.finish_run(first, status="FAILED")
@@ -107,8 +113,6 @@ def test_start_or_resume_run_continues_the_tagged_run(mlflow_env):
 
 
 def test_log_epoch_and_params(mlflow_env):
-    from mlflow.tracking import MlflowClient
-
     run_id = tracking.start_or_resume_run(_name("exp"), "r")
     tracking.log_epoch(run_id, 0, {"loss": 2.5, "mAP": np.float32(10.0)})
     tracking.log_epoch(run_id, 1, {"loss": 1.5})
@@ -121,8 +125,6 @@ def test_log_epoch_and_params(mlflow_env):
 
 
 def test_log_figure_stores_png(mlflow_env):
-    from mlflow.tracking import MlflowClient
-
     run_id = tracking.start_or_resume_run(_name("exp"), "fig")
     tracking.log_figure(run_id, figures.plot_curves({"loss": [(0, 1.0)]}), "curves")
     files = [f.path for f in MlflowClient().list_artifacts(run_id, "plots")]
@@ -131,16 +133,12 @@ def test_log_figure_stores_png(mlflow_env):
 
 def _fake_checkpoint(tmp_path):
     """Registration never loads the checkpoint, so any torch file serves here."""
-    import torch
-
     path = tmp_path / "checkpoint.pt"
     torch.save({"model": {}, "config": {}}, path)
     return path
 
 
 def test_champion_alias_moves_only_to_a_better_model(mlflow_env, tmp_path):
-    from mlflow.tracking import MlflowClient
-
     name = _name("vl-model")
     run_id = tracking.start_or_resume_run(_name("exp"), "reg")
     ckpt = _fake_checkpoint(tmp_path)
@@ -166,14 +164,7 @@ def test_pyfunc_roundtrip(mlflow_env, tmp_path):
     """The registered champion, loaded by URI, predicts the same rows as the bare model on
     each sample alone (so padding two samples of different length changes nothing)."""
     pytest.importorskip("vl.engine")
-    import mlflow.pyfunc
-    import pandas as pd
-    import torch
 
-    from vl.config import ExperimentConfig
-    from vl.data.batch import Batch
-    from vl.engine import predict_rows
-    from vl.model import build_model
 
     torch.manual_seed(0)
     torch.set_num_threads(1)

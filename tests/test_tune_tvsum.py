@@ -13,12 +13,19 @@ import sys
 import uuid
 from pathlib import Path
 
+import mlflow
+import mlflow.pyfunc
 import pytest
+from mlflow.tracking import MlflowClient
 
+from cluster.local.common import NO_TELEMETRY_ENV
+from jobs.shard import run as shard
 from tune import report, space
 from tune.report import TrialOutcome
-from tune.tvsum import build_config, parse_domains
+from tune.trial import load_domain
+from tune.tvsum import build_config, main, parse_domains
 from vl.config import ConfigError
+from vl.data.synthetic import TINY_DIMS, SyntheticConfig, generate
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "configs" / "tvsum_search_smoke.yaml"
@@ -132,12 +139,6 @@ def search(s3_server, mlflow_server, tmp_path_factory):
     Returns what both phases saw. Everything lives under a fresh name, so reruns of the test
     module never resume an older search.
     """
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
-    from cluster.local.common import NO_TELEMETRY_ENV
-    from jobs.shard import run as shard
-    from vl.data.synthetic import TINY_DIMS, SyntheticConfig, generate
 
     tag = uuid.uuid4().hex[:8]
     raw = tmp_path_factory.mktemp("tune-raw")
@@ -238,8 +239,6 @@ def test_asha_stopped_a_trial_early_and_its_run_is_ended(search):
 
 @pytest.mark.integration
 def test_summary_run_has_tables_and_heatmaps(search):
-    import mlflow
-
     client = search["client"]
     summary = [r for r in search["runs"] if r.data.tags.get("vl.kind") == "tvsum-search-summary"]
     assert len(summary) == 1
@@ -267,10 +266,6 @@ def test_summary_run_has_tables_and_heatmaps(search):
 
 @pytest.mark.integration
 def test_registered_domain_models_load_and_predict(search):
-    import mlflow.pyfunc
-
-    from tune.trial import load_domain
-
     for domain in DOMAINS:
         name = f"test-tvsum-{search['tag']}-{domain}"
         version = search["client"].get_model_version_by_alias(name, "champion")
@@ -311,8 +306,6 @@ def test_resume_did_not_rerun_finished_trials(search):
 
 
 def test_unknown_features_and_missing_data_are_clear_errors(capsys):
-    from tune.tvsum import main
-
     assert main(["--config", str(SMOKE), "--domains", "VT"]) == 2
     assert "--data" in capsys.readouterr().err
     with pytest.raises(SystemExit):

@@ -24,8 +24,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from mlflow.tracking import MlflowClient
+
 from cluster.local.common import WORKING_DIR_EXCLUDES
 from cluster.local.stack import ENV_FILE, STATE_FILE, LocalStack
+from jobs.shard import run as shard_run
+from vl.data.synthetic import SyntheticConfig, generate
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = "configs/smoke.yaml"
@@ -49,9 +53,6 @@ def step(message: str, t0: float) -> None:
 
 def generate_and_shard(root: Path, videos: int, env: dict[str, str], t0: float) -> None:
     """Synthetic official layout under root/raw, then train/ and val/ shard sets on S3."""
-    from jobs.shard import run as shard_run
-    from vl.data.synthetic import SyntheticConfig, generate
-
     step(f"generating a synthetic QVHighlights-shaped dataset ({videos} videos, dims {DIMS}) "
          f"= python -m vl.data.synthetic --dataset qvhighlights --videos {videos} ...", t0)
     layout = generate(SyntheticConfig("qvhighlights", videos=videos, seed=0, dims=DIMS,
@@ -104,8 +105,6 @@ def submit_training(env: dict[str, str], overrides: list[str], t0: float) -> dic
 
 def report(summary: dict, env: dict[str, str], t0: float) -> None:
     """MLflow URL, the best evaluation's metrics, the registered version and its alias."""
-    from mlflow.tracking import MlflowClient
-
     os.environ["MLFLOW_TRACKING_URI"] = env["MLFLOW_TRACKING_URI"]
     client = MlflowClient()
     run = client.get_run(summary["mlflow_run_id"])
