@@ -12,7 +12,14 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from vl import serving, tracking
-from vl.checkpoint import CheckpointMismatchError, load_weights, read_weights
+from vl.checkpoint import (
+    CheckpointMismatchError,
+    load_weights,
+    read_weights,
+    restore_training_state,
+    seed_everything,
+    write_training_state,
+)
 from vl.config import ExperimentConfig
 from vl.engine import build_optimizer, forward, train_step
 from vl.losses import build_criterion
@@ -183,3 +190,26 @@ def test_pretrain_and_finetune_configs_build_the_same_network():
     target = build_model(fine.model)
     load_weights(target, {"model": source.state_dict()})
     assert all(torch.equal(v, source.state_dict()[k]) for k, v in target.state_dict().items())
+
+
+def test_training_state_resumes_the_same_run(tmp_path):
+    """write_training_state + restore_training_state: a fresh process continues exactly where
+    the run stopped (weights, AdamW moments, schedule and the RNG stream that dropout draws)."""
+    cfg = ExperimentConfig.from_preset("tiny")  # dropout on: the RNG state matters
+    criterion = build_criterion(cfg.loss)
+    batch = batch_for(cfg, 7)
+    seed_everything(3)
+    model = build_model(cfg.model)
+    optimizer, scheduler = build_optimizer(model, cfg.train)
+    train_step(model, criterion, batch, optimizer, epoch=0)
+    scheduler.step()
+    write_training_state(tmp_path, model, optimizer, scheduler, 0, best={"value": 1.5})
+    expected = float(train_step(model, criterion, batch, optimizer, epoch=1)["loss"])
+
+    seed_everything(99)  # a fresh start elsewhere: everything must come from the state file
+    resumed = build_model(cfg.model)
+    opt2, sched2 = build_optimizer(resumed, cfg.train)
+    state = restore_training_state(tmp_path, resumed, opt2, sched2)
+    assert state["epoch"] == 0 and state["best"] == {"value": 1.5}
+    assert sched2.last_epoch == scheduler.last_epoch
+    assert float(train_step(resumed, criterion, batch, opt2, epoch=1)["loss"]) == expected
