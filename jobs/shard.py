@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 import ray
 
-from vl.data.annotations import DATASETS, DEFAULT_CLIP_LEN, Annotation, load_annotations
+from vl.config import DATASETS
+from vl.data.annotations import DEFAULT_CLIP_LEN, Annotation, load_annotations
 from vl.data.features import (
     FeatureDir,
     l2_normalize,

@@ -5,7 +5,7 @@ the MLflow run, then runs a `TorchTrainer`; after training it logs the final met
 checkpoint's predictions and registers that checkpoint as a model version. Each worker streams
 its part of the shards through `vl.data`, wraps the model for DDP and runs `vl.engine`; rank 0
 evaluates, checkpoints and logs to MLflow. Everything Ray-specific sits in this file, at the
-edges of a plain PyTorch loop (ARCHITECTURE.md).
+edges of a plain PyTorch loop (docs/ARCHITECTURE.md).
 
 Fault tolerance: a dead worker makes Ray restart the group (`scale.max_failures`), which resumes
 from the latest checkpoint; resubmitting a killed job with the same `--name` and `--storage` does
@@ -347,18 +347,19 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             progress(epoch, t.epochs, metrics, epoch_times)
 
 
+@dataclass
 class ChiefEvaluation:
     """Rank 0's evaluation epochs: score the val split, log to MLflow, write the checkpoint."""
 
-    def __init__(self, cfg: ExperimentConfig, run_id: str, selection_metric: str, val_loader,
-                 ground_truth: list[dict], device: torch.device) -> None:  # fmt: skip
-        self.cfg = cfg
-        self.run_id = run_id
-        self.selection_metric = selection_metric
-        self.val_loader = val_loader
-        self.ground_truth = ground_truth
-        self.device = device
-        self.tracker = Tracker(run_id, cfg)
+    cfg: ExperimentConfig
+    run_id: str
+    selection_metric: str
+    val_loader: Any
+    ground_truth: list[dict]
+    device: torch.device
+
+    def __post_init__(self) -> None:
+        self.tracker = Tracker(self.run_id, self.cfg)
 
     def evaluate_and_checkpoint(self, state: WorkerState, epoch: int, metrics: dict[str, float],
                                 directory: Path, epoch_times: list[float]):  # fmt: skip

@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-DATASETS = ("qvhighlights", "charades", "tvsum", "pretrain")
-TVSUM_DOMAINS = ("BK", "BT", "DS", "FM", "GA", "MS", "PK", "PR", "VT", "VU")
+from vl.config import DATASETS, TVSUM_DOMAINS
+
 DEFAULT_CLIP_LEN = {"qvhighlights": 2.0, "charades": 1.0, "tvsum": 2.0, "pretrain": 2.0}
 # Saliency pairs per sample (spec 1.4): [hard, easy] for QVH, two random for window-derived
 # data, one hard pair for TVSum. Fixed within a dataset so batches stack.

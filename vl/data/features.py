@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-VIDEO_FEATURE_DIMS = {"slowfast": 2304, "clip": 512, "blip": 768, "i3d": 2048}
-TEXT_FEATURE_DIMS = {"clip": 512, "blip": 768}
+from vl.config import FEATURE_DIMS, TEXT_FEATURE_DIMS
+
 NORM_EPS = 1e-5
 
 # Official directory names -> feature-set names (spec 1.1).
@@ -82,7 +82,7 @@ def parse_feature_dirs(spec: str | list[str], modality: str) -> list[FeatureDir]
         raise ValueError(f"modality must be 'video' or 'text', got {modality!r}")
     items = spec.split(",") if isinstance(spec, str) else list(spec)
     table = VIDEO_DIR_NAMES if modality == "video" else TEXT_DIR_NAMES
-    dims = VIDEO_FEATURE_DIMS if modality == "video" else TEXT_FEATURE_DIMS
+    dims = FEATURE_DIMS if modality == "video" else TEXT_FEATURE_DIMS
     out: list[FeatureDir] = []
     for item in (i.strip() for i in items):
         if not item:
