@@ -310,6 +310,8 @@ def test_unknown_features_and_missing_data_are_clear_errors(capsys):
     assert "--data" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--config", str(SMOKE), "--features", "c3d"])
+    assert main(["--config", str(SMOKE), "--data", "/nowhere", "--workers-per-trial", "1"]) == 2
+    assert "is now --cpus-per-trial" in capsys.readouterr().err
 
 
 

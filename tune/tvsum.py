@@ -196,8 +196,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def spec_from_args(args: argparse.Namespace) -> SearchSpec:
     if args.old_workers_per_trial is not None:
-        raise ConfigError("--workers-per-trial is now --cpus-per-trial (it always was CPU cores "
-                          "per trial)")
+        raise ConfigError("--workers-per-trial is now --cpus-per-trial (CPU cores per trial)")
     cfg = build_config(args.config, args.features, args.overrides, args.epochs)
     if args.data:
         train_uri, val_uri = f"{args.data.rstrip('/')}/train", f"{args.data.rstrip('/')}/val"
