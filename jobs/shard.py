@@ -23,7 +23,6 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
-import ray
 
 from vl.config import DATASETS
 from vl.data.annotations import DEFAULT_CLIP_LEN, Annotation, load_annotations
@@ -198,12 +197,21 @@ def finished(out: str, index: int, digest: str) -> ShardInfo | None:
         return None
 
 
+def _ray():
+    """The ray module, imported on first use so that in-process conversion (`--ray off`, the
+    benchmarks) never loads it: in a process that has imported ray, s3fs's exit-time client
+    cleanup raises "attached to a different loop" on stderr (seen in benchmarks.data_loading)."""
+    import ray
+
+    return ray
+
+
 def _want_ray(mode: str) -> bool:
     if mode == "off":
         return False
     if mode == "on":
         return True
-    return ray.is_initialized() or bool(os.environ.get("RAY_ADDRESS"))
+    return _ray().is_initialized() or bool(os.environ.get("RAY_ADDRESS"))
 
 
 def detect_dims(
@@ -320,6 +328,7 @@ def convert_chunks(out: str, chunks: list[list[Annotation]], settings: ShardSett
         f"{'with Ray tasks' if use_ray else 'in-process'}"
     )
     if use_ray:
+        ray = _ray()
         if not ray.is_initialized():
             ray.init(address=os.environ.get("RAY_ADDRESS") or "auto", log_to_driver=False)
         task = ray.remote(num_cpus=1)(convert_shard)
