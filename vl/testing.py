@@ -9,6 +9,8 @@ padded by `vl.data.batch.pad_batch`, the same function the loader and the served
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -54,7 +56,7 @@ def random_batch(
 
 
 def _random_targets(L: int, max_windows: int, has_spans: bool, g: torch.Generator,
-                    rand_int) -> Targets:  # fmt: skip
+                    rand_int: Callable[[int, int], int]) -> Targets:  # fmt: skip
     """1..max_windows windows over L clips, saliency 1..12 on their clips, hard + easy pairs."""
     n_win = rand_int(1, max_windows)
     relevant = torch.zeros(L, dtype=torch.bool)
