@@ -38,8 +38,9 @@ from vl.data.features import (
     load_video_set,
     parse_feature_dirs,
 )
-from vl.data.shards import ShardManifest, filesystem, join_uri
-from vl.data.synthetic import SyntheticConfig, generate
+from vl.data.shards import ShardManifest
+from vl.data.synthetic import SyntheticConfig, generate, parse_dims
+from vl.storage import filesystem, join_uri
 
 
 class NpzDataset(Dataset):
@@ -151,7 +152,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
 
-    from vl.data.synthetic import parse_dims
 
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="vl-bench-data-"))
     work.mkdir(parents=True, exist_ok=True)

@@ -92,7 +92,8 @@ def save_model(root: Path, clip: Path) -> Path:
     """A random CLIP-only smoke model at the tiny CLIP's widths as a local pyfunc model."""
     import mlflow.pyfunc
 
-    from vl import tracking
+    from vl import serving
+    from vl.checkpoint import CHECKPOINT_ARTIFACT
     from vl.extractors import recipe_from_config
     from vl.model import build_model
 
@@ -104,9 +105,9 @@ def save_model(root: Path, clip: Path) -> Path:
     torch.save({"model": build_model(cfg.model).state_dict(), "config": cfg.to_dict()}, ckpt)
     recipe = recipe_from_config(cfg.to_dict(), models={"clip": str(clip)})
     path = root / "pyfunc"
-    mlflow.pyfunc.save_model(path=str(path), python_model=tracking.VideoLightsPyfunc(),
-                             artifacts={tracking.CHECKPOINT_ARTIFACT: str(ckpt)},
-                             metadata={tracking.FEATURES_METADATA: recipe.to_dict()})
+    mlflow.pyfunc.save_model(path=str(path), python_model=serving.VideoLightsPyfunc(),
+                             artifacts={CHECKPOINT_ARTIFACT: str(ckpt)},
+                             metadata={serving.FEATURES_METADATA: recipe.to_dict()})
     return path
 
 

@@ -83,7 +83,7 @@ VIDEO_SETS, TEXT_SETS = ("slowfast", "clip", "blip"), ("clip", "blip")
 class Setup:
     """What every run shares (the knobs of the benchmark, printed with the results)."""
 
-    videos: int = 300
+    videos: int = 200
     epochs: int = 25
     batch_size: int = 32
     hidden_dim: int = 64

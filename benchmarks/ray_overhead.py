@@ -20,16 +20,24 @@ import time
 from pathlib import Path
 from typing import Any
 
+import ray
+import ray.train
+import ray.train.torch
 import torch
+from ray.train import RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
 
+from jobs.shard import run as shard_run
 from vl.config import ExperimentConfig
+from vl.data.dataset import make_loader
+from vl.data.synthetic import SyntheticConfig, generate
+from vl.engine import build_optimizer, train_one_epoch
+from vl.losses import build_criterion
+from vl.model import build_model
 
 
 def make_shards(root: Path, videos: int) -> tuple[str, ExperimentConfig]:
     """Synthetic QVHighlights-shaped shards (smoke dims) in a local directory."""
-    from jobs.shard import run as shard_run
-    from vl.data.synthetic import SyntheticConfig, generate
-
     layout = generate(SyntheticConfig("qvhighlights", videos=videos, seed=0,
                                       dims={"slowfast": 16, "clip": 16},
                                       video_sets=("slowfast", "clip"), text_sets=("clip",),
@@ -46,18 +54,11 @@ def make_shards(root: Path, videos: int) -> tuple[str, ExperimentConfig]:
 def timed_epochs(cfg_dict: dict[str, Any], uri: str, epochs: int, threads: int,
                  report: Any = None) -> list[float]:
     """Warm-up epoch + `epochs` timed epochs; `report(metrics)` is called after each (Ray)."""
-    from vl.data.dataset import make_loader
-    from vl.engine import build_optimizer, train_one_epoch
-    from vl.losses import build_criterion
-    from vl.model import build_model
-
     cfg = ExperimentConfig.from_dict(cfg_dict)
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = build_model(cfg.model)
     if report is not None:
-        import ray.train.torch
-
         model = ray.train.torch.prepare_model(model)
     criterion = build_criterion(cfg.loss)
     optimizer, _ = build_optimizer(model, cfg.train)
@@ -79,18 +80,12 @@ def timed_epochs(cfg_dict: dict[str, Any], uri: str, epochs: int, threads: int,
 
 
 def ray_loop(config: dict[str, Any]) -> None:
-    import ray.train
-
     times = timed_epochs(config["cfg"], config["uri"], config["epochs"], config["threads"],
                          report=ray.train.report)
     Path(config["out"]).write_text(json.dumps(times))
 
 
 def run_ray(cfg: ExperimentConfig, uri: str, epochs: int, threads: int, out: Path) -> list[float]:
-    import ray
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=300_000_000,
              log_to_driver=False)
     try:

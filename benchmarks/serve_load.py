@@ -99,7 +99,7 @@ def register_smoke_model(name: str, tmp: Path) -> None:
     """A randomly initialised smoke-size model, registered as NAME@champion."""
     import torch
 
-    from vl import tracking
+    from vl import serving, tracking
     from vl.config import ExperimentConfig
     from vl.model import build_model
 
@@ -110,7 +110,7 @@ def register_smoke_model(name: str, tmp: Path) -> None:
     torch.save({"model": build_model(cfg.model).state_dict(), "config": cfg.to_dict(),
                 "epoch": 0}, path)
     run_id = tracking.start_or_resume_run("bench-serve", name)
-    tracking.log_and_register_model(run_id, path, name, "selection", 1.0)
+    serving.log_and_register_model(run_id, path, name, "selection", 1.0)
     tracking.finish_run(run_id)
 
 

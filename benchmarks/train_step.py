@@ -19,6 +19,12 @@ import time
 
 import torch
 
+from vl.config import FEATURE_DIMS, TEXT_FEATURE_DIMS, ExperimentConfig
+from vl.engine import build_optimizer, forward
+from vl.losses import build_criterion
+from vl.model import build_model
+from vl.testing import random_batch
+
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__,
@@ -38,11 +44,6 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(2018)
-    from vl.config import FEATURE_DIMS, TEXT_FEATURE_DIMS, ExperimentConfig
-    from vl.data.random_batch import random_batch
-    from vl.engine import build_optimizer, forward
-    from vl.losses import build_criterion
-    from vl.model import build_model
 
     cfg = ExperimentConfig.from_preset(args.preset, args.set)
     device = torch.device(args.device)

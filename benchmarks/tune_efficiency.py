@@ -27,13 +27,15 @@ import tempfile
 import time
 from pathlib import Path
 
+import ray
+
 from cluster.local.common import NO_TELEMETRY_ENV
+from jobs.shard import run
+from tune.tvsum import SearchSpec, build_config, parse_domains, run_search
+from vl.data.synthetic import TINY_DIMS, SyntheticConfig, generate
 
 
 def make_data(root: Path, seed: int, signal: float, noise: float) -> tuple[str, str]:
-    from jobs.shard import run
-    from vl.data.synthetic import TINY_DIMS, SyntheticConfig, generate
-
     cfg = SyntheticConfig(
         "tvsum", videos=5, seed=seed, dims=dict(TINY_DIMS), video_sets=("i3d",),
         text_sets=("clip",), signal=signal, feature_noise=noise, tvsum_domain_concepts=True,
@@ -68,9 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault(key, value)
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 
-    import ray
 
-    from tune.tvsum import SearchSpec, build_config, parse_domains, run_search
 
     work = Path(tempfile.mkdtemp(prefix="vl-tune-bench-"))
     ray_tmp = tempfile.mkdtemp(prefix="vltb", dir="/tmp")  # AF_UNIX paths must stay short

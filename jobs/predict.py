@@ -28,7 +28,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from jobs.errors import EXIT_BAD_INPUT, PreflightError, check_tracking, require_manifest
+from jobs.preflight import EXIT_BAD_INPUT, PreflightError, check_tracking, require_manifest
 
 
 def shard_inputs(uri: str, cfg: Any) -> tuple[dict[str, list], list[dict[str, Any]]]:
@@ -103,7 +103,7 @@ def write_rows(path: Path, rows: Iterable[dict[str, Any]]) -> int:
 def model_recipe(model: Any):
     """The FeatureRecipe the model records (vl.tracking), else the one its config implies."""
     from vl.extractors import FeatureRecipe, recipe_from_config
-    from vl.tracking import FEATURES_METADATA
+    from vl.serving import FEATURES_METADATA
 
     raw = (getattr(model.metadata, "metadata", None) or {}).get(FEATURES_METADATA)
     if raw:

@@ -24,7 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from vl.data.annotations import DATASETS, DEFAULT_CLIP_LEN, Annotation, load_annotations
+from vl.config import DATASETS
+from vl.data.annotations import DEFAULT_CLIP_LEN, Annotation, load_annotations
 from vl.data.features import (
     FeatureDir,
     l2_normalize,
@@ -42,13 +43,10 @@ from vl.data.shards import (
     ShardInfo,
     ShardManifest,
     ShardRow,
-    filesystem,
-    join_uri,
-    read_bytes,
-    write_bytes,
     write_manifest,
     write_shard,
 )
+from vl.storage import filesystem, join_uri, read_bytes, write_bytes
 
 
 @dataclass(frozen=True)
@@ -199,16 +197,21 @@ def finished(out: str, index: int, digest: str) -> ShardInfo | None:
         return None
 
 
+def _ray():
+    """The ray module, imported on first use so that in-process conversion (`--ray off`, the
+    benchmarks) never loads it: in a process that has imported ray, s3fs's exit-time client
+    cleanup raises "attached to a different loop" on stderr (seen in benchmarks.data_loading)."""
+    import ray
+
+    return ray
+
+
 def _want_ray(mode: str) -> bool:
     if mode == "off":
         return False
     if mode == "on":
         return True
-    try:
-        import ray
-    except ImportError:
-        return False
-    return ray.is_initialized() or bool(os.environ.get("RAY_ADDRESS"))
+    return _ray().is_initialized() or bool(os.environ.get("RAY_ADDRESS"))
 
 
 def detect_dims(
@@ -247,6 +250,50 @@ def run(
     anns = load_annotations(annotations, dataset, clip_len=clip_len)
     video = parse_feature_dirs(video_features, "video")
     text = parse_feature_dirs(text_features, "text")
+    anns, skipped = drop_missing(anns, video, text, dataset, annotations, skip_missing, log)
+    video_dims, text_dims = detect_dims(anns, video, text, dataset)
+    settings = ShardSettings(
+        dataset=dataset,
+        video=tuple(video),
+        text=tuple(text),
+        video_dims=video_dims,
+        text_dims=text_dims,
+        clip_len=clip_len,
+        max_v_l=max_v_l,
+        max_q_l=max_q_l,
+        row_group_rows=row_group_rows,
+        compression=compression,
+    )
+    chunks = [anns[i : i + rows_per_shard] for i in range(0, len(anns), rows_per_shard)]
+    infos, todo = convert_chunks(out, chunks, settings, ray_mode, log)
+    manifest = ShardManifest(
+        dataset=dataset,
+        clip_len=clip_len,
+        video_features=settings.video_specs,
+        text_features=settings.text_specs,
+        shards=infos,
+        compression=compression,
+        row_group_rows=row_group_rows,
+        max_v_l=max_v_l,
+        max_q_l=max_q_l,
+        skipped=skipped,
+    )
+    write_manifest(out, manifest)
+    log(json.dumps({
+        "out": out, "rows": manifest.num_rows, "shards": len(manifest.shards),
+        "converted": len(todo), "reused": len(chunks) - len(todo),
+        "skipped_queries": len({s["qid"] for s in skipped}),
+        "bytes": sum(s.bytes for s in manifest.shards),
+        "seconds": round(time.monotonic() - t0, 2),
+    }))  # fmt: skip
+    return manifest
+
+
+def drop_missing(anns: list[Annotation], video: list[FeatureDir], text: list[FeatureDir],
+                 dataset: str, annotations: str, skip_missing: bool,
+                 log) -> tuple[list[Annotation], list[dict[str, Any]]]:  # fmt: skip
+    """(the queries whose features all exist, the skipped (query, set) records). Without
+    `skip_missing` any missing feature file is a FileNotFoundError that lists them."""
     missing = find_missing(anns, video, text, dataset)
     skipped: list[dict[str, Any]] = []
     if missing:
@@ -264,34 +311,24 @@ def run(
         anns = [a for a in anns if str(a.qid) not in bad]
     if not anns:
         raise ValueError(f"{annotations}: no query left to convert")
-    video_dims, text_dims = detect_dims(anns, video, text, dataset)
-    settings = ShardSettings(
-        dataset=dataset,
-        video=tuple(video),
-        text=tuple(text),
-        video_dims=video_dims,
-        text_dims=text_dims,
-        clip_len=clip_len,
-        max_v_l=max_v_l,
-        max_q_l=max_q_l,
-        row_group_rows=row_group_rows,
-        compression=compression,
-    )
-    chunks = [anns[i : i + rows_per_shard] for i in range(0, len(anns), rows_per_shard)]
-    infos: list[ShardInfo | None] = [None] * len(chunks)
-    todo = []
-    for i, chunk in enumerate(chunks):
-        infos[i] = finished(out, i, qids_digest(chunk, settings))
-        if infos[i] is None:
-            todo.append(i)
+    return anns, skipped
+
+
+def convert_chunks(out: str, chunks: list[list[Annotation]], settings: ShardSettings,
+                   ray_mode: str, log) -> tuple[list[ShardInfo], list[int]]:  # fmt: skip
+    """Write every shard not already finished (as Ray tasks or in-process); returns every
+    shard's manifest entry, in order, and the indices converted now."""
+    infos: list[ShardInfo | None] = [finished(out, i, qids_digest(chunk, settings))
+                                     for i, chunk in enumerate(chunks)]  # fmt: skip
+    todo = [i for i, info in enumerate(infos) if info is None]
     use_ray = bool(todo) and _want_ray(ray_mode)
     log(
-        f"{len(anns)} queries -> {len(chunks)} shards at {out}; {len(chunks) - len(todo)} already "
-        f"done, converting {len(todo)} {'with Ray tasks' if use_ray else 'in-process'}"
+        f"{sum(len(c) for c in chunks)} queries -> {len(chunks)} shards at {out}; "
+        f"{len(chunks) - len(todo)} already done, converting {len(todo)} "
+        f"{'with Ray tasks' if use_ray else 'in-process'}"
     )
     if use_ray:
-        import ray
-
+        ray = _ray()
         if not ray.is_initialized():
             ray.init(address=os.environ.get("RAY_ADDRESS") or "auto", log_to_driver=False)
         task = ray.remote(num_cpus=1)(convert_shard)
@@ -301,34 +338,7 @@ def run(
     else:
         for i in todo:
             infos[i] = convert_shard(out, i, chunks[i], settings)
-    manifest = ShardManifest(
-        dataset=dataset,
-        clip_len=clip_len,
-        video_features=settings.video_specs,
-        text_features=settings.text_specs,
-        shards=[i for i in infos if i is not None],
-        compression=compression,
-        row_group_rows=row_group_rows,
-        max_v_l=max_v_l,
-        max_q_l=max_q_l,
-        skipped=skipped,
-    )
-    write_manifest(out, manifest)
-    log(
-        json.dumps(
-            {
-                "out": out,
-                "rows": manifest.num_rows,
-                "shards": len(manifest.shards),
-                "converted": len(todo),
-                "reused": len(chunks) - len(todo),
-                "skipped_queries": len({s["qid"] for s in skipped}),
-                "bytes": sum(s.bytes for s in manifest.shards),
-                "seconds": round(time.monotonic() - t0, 2),
-            }
-        )
-    )
-    return manifest
+    return [i for i in infos if i is not None], todo
 
 
 def main(argv: list[str] | None = None) -> int:

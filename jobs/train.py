@@ -5,9 +5,9 @@ the MLflow run, then runs a `TorchTrainer`; after training it logs the final met
 checkpoint's predictions and registers that checkpoint as a model version. Each worker streams
 its part of the shards through `vl.data`, wraps the model for DDP and runs `vl.engine`; rank 0
 evaluates, checkpoints and logs to MLflow. Everything Ray-specific sits in this file, at the
-edges of a plain PyTorch loop (ARCHITECTURE.md).
+edges of a plain PyTorch loop (docs/ARCHITECTURE.md).
 
-Fault tolerance: a dead worker makes Ray restart the group (`train.max_failures`), which resumes
+Fault tolerance: a dead worker makes Ray restart the group (`scale.max_failures`), which resumes
 from the latest checkpoint; resubmitting a killed job with the same `--name` and `--storage` does
 the same. The MLflow run is found again by its `vl.run_name` tag, so a resume never adds a run.
 """
@@ -19,7 +19,6 @@ import json
 import logging
 import math
 import os
-import random
 import re
 import sys
 import tempfile
@@ -28,10 +27,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+import ray
+import ray.train
+import ray.train.torch
 import torch
+from mlflow.tracking import MlflowClient
+from ray.train import (
+    CheckpointConfig,
+    FailureConfig,
+    RunConfig,
+    ScalingConfig,
+    TrainingFailedError,
+)
+from ray.train.torch import TorchConfig, TorchTrainer
 
-from jobs.errors import (
+from jobs.preflight import (
     EXIT_BAD_INPUT,
     PreflightError,
     check_data,
@@ -39,25 +49,29 @@ from jobs.errors import (
     check_tracking,
     config_error,
 )
+from vl import figures, serving, tracking
+from vl.checkpoint import (
+    MODEL_FILE,
+    CheckpointMismatchError,
+    cpu_weights,
+    load_weights,
+    restore_training_state,
+    seed_everything,
+    write_model_file,
+    write_training_state,
+)
 from vl.config import ConfigError, ExperimentConfig
+from vl.data.dataset import make_loader, read_annotations
+from vl.engine import build_optimizer, evaluate, train_one_epoch, unwrap
+from vl.losses import build_criterion
+from vl.model import build_model
+from vl.storage import exists, write_bytes
 
-STATE_FILE = "state.pt"  # full training state: model, optimizer, scheduler, epoch, RNG, history
-MODEL_FILE = "model.pt"  # weights + config only: what the registered pyfunc model loads
 PREDICTIONS_FILE = "val_predictions.jsonl"
 METRICS_FILE = "metrics.json"
 SELECTION_KEY = "selection"
 DEFAULT_STORAGE = "s3://vl-runs/train"
 FAULT_GRACE_S = 5.0
-
-
-def tracking_module():
-    """vl.tracking, imported without mlflow.pyfunc's import-time type-hint warning."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        from vl import tracking
-    return tracking
 
 
 # ---- arguments and config ------------------------------------------------------------------
@@ -173,9 +187,6 @@ def prepare(args: argparse.Namespace) -> JobPlan:
 def check_init_weights(cfg: ExperimentConfig, source: str) -> None:
     """Load --init-from into a CPU copy of the model on the driver, before any worker starts,
     so a wrong URI or a shape mismatch (which tensors) fails fast."""
-    from vl.checkpoint import CheckpointMismatchError, load_weights
-    from vl.model import build_model
-
     try:
         load_weights(build_model(cfg.model), source)
     except CheckpointMismatchError as err:
@@ -205,26 +216,6 @@ def finite(metrics: dict[str, float]) -> dict[str, float]:
 
 
 # ---- the worker loop -------------------------------------------------------------------------
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict[str, Any]:
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "numpy": [name, keys.tolist(), pos, has_gauss, cached]}
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(tuple(state["python"][:1]) + (tuple(state["python"][1]),)
-                    + tuple(state["python"][2:]))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-
-
 def fault_marker(run_uri: str, step: int) -> str:
     return f"{run_uri}/fault_injected_at_step_{step}"
 
@@ -235,8 +226,6 @@ def maybe_inject_fault(run_uri: str, step: int, fail_at: int, rank: int, world: 
     The marker lives in the run's storage, so the replacement worker group (and a resubmitted
     job) sees that the fault already happened.
     """
-    from vl.data.shards import exists, write_bytes
-
     if fail_at < 0 or step != fail_at or rank != min(1, world - 1):
         return
     marker = fault_marker(run_uri, step)
@@ -251,117 +240,144 @@ def maybe_inject_fault(run_uri: str, step: int, fail_at: int, rank: int, world: 
     os._exit(1)
 
 
-def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """One Ray Train worker: data for its rank, DDP model, vl.engine epochs, report per epoch."""
-    import ray.train
-    import ray.train.torch
+@dataclass
+class WorkerState:
+    """One rank's training objects and progress through the run."""
 
-    from vl.data.dataset import make_loader, read_annotations
-    from vl.engine import build_optimizer, evaluate, train_one_epoch, unwrap
-    from vl.losses import build_criterion
-    from vl.model import build_model
+    model: torch.nn.Module  # DDP-wrapped after `prepare_model`
+    criterion: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    start_epoch: int = 0
+    global_step: int = 0
+    history: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    best: dict[str, Any] = field(default_factory=lambda: {"epoch": -1, "value": float("-inf")})
 
-    cfg = ExperimentConfig.from_dict(loop_config["config"], source="train_loop_config")
-    t, d = cfg.train, cfg.data
-    run_id: str = loop_config["run_id"]
-    run_uri: str = loop_config["run_uri"]
-    selection_metric: str = loop_config["selection_metric"]
-    quiet_ray_train_reports()
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(max(1, int(t.cpus_per_worker)))
-    device = ray.train.torch.get_device()
-    is_chief = rank == 0
 
-    seed_everything(t.seed)  # same initial weights on every rank (DDP also broadcasts them)
+def restore_or_init(cfg: ExperimentConfig, device: torch.device, init_from: str | None,
+                    is_chief: bool) -> WorkerState:  # fmt: skip
+    """The model, loss and optimizer, resumed from Ray's latest checkpoint when there is one,
+    else initialised from `--init-from` weights (fresh optimizer and schedule) or the seed."""
+    seed_everything(cfg.train.seed)  # same initial weights on every rank (DDP also broadcasts)
     # On the device before the optimizer exists: a resumed optimizer state is then loaded next to
     # its parameters (AdamW's state would otherwise stay on the CPU under GPU parameters).
     model = build_model(cfg.model).to(device)
-    criterion = build_criterion(cfg.loss)
-    optimizer, scheduler = build_optimizer(model, t)
-    start_epoch, global_step = 0, 0
-    history: dict[str, list[tuple[int, float]]] = {}
-    best = {"epoch": -1, "value": float("-inf")}
-
+    optimizer, scheduler = build_optimizer(model, cfg.train)
+    state = WorkerState(model, build_criterion(cfg.loss), optimizer, scheduler)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
-            state = torch.load(Path(ckpt_dir) / STATE_FILE, map_location="cpu",
-                               weights_only=False)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch, global_step = state["epoch"] + 1, state["global_step"]
-        history, best = state["history"], state["best"]
-        set_rng_state(state["rng"])
+            saved = restore_training_state(ckpt_dir, model, optimizer, scheduler)
+        state.start_epoch, state.global_step = saved["epoch"] + 1, saved["global_step"]
+        state.history, state.best = saved["history"], saved["best"]
         if is_chief:
-            say(f"resuming from the checkpoint of epoch {state['epoch'] + 1} (global step "
-                f"{global_step}); continuing with epoch {start_epoch + 1}/{t.epochs}")
-    elif loop_config.get("init_from"):
-        from vl.checkpoint import load_weights
-
-        load_weights(model, loop_config["init_from"])  # weights only: fresh optimizer/schedule
+            say(f"resuming from the checkpoint of epoch {saved['epoch'] + 1} (global step "
+                f"{state.global_step}); continuing with epoch {state.start_epoch + 1}/"
+                f"{cfg.train.epochs}")
+    elif init_from:
+        load_weights(model, init_from)  # weights only: fresh optimizer/schedule
         if is_chief:
-            say(f"initialised from {loop_config['init_from']} (weights only)")
-    model = ray.train.torch.prepare_model(model)
-    criterion.to(device)
+            say(f"initialised from {init_from} (weights only)")
+    state.model = ray.train.torch.prepare_model(model)
+    state.criterion.to(device)
+    return state
 
-    loader_kwargs = dict(max_v_l=d.max_v_l, max_q_l=d.max_q_l, max_windows=d.max_windows,
-                         video_features=d.video_features, text_features=d.text_features,
-                         domain=d.tvsum_domain or None, buffer_size=d.shuffle_buffer)
-    train_loader = make_loader(d.train, d.batch_size, rank=rank, world_size=world, shuffle=True,
-                               seed=t.seed, num_workers=d.num_workers, equal_per_rank=True,
-                               **loader_kwargs)
-    if is_chief:
-        val_loader = make_loader(d.val, d.eval_batch_size, shuffle=False, seed=t.seed,
-                                 num_workers=d.num_workers, **loader_kwargs)
-        ground_truth = read_annotations(d.val)
-        if d.tvsum_domain:
-            ground_truth = [g for g in ground_truth if g.get("domain") == d.tvsum_domain]
-        tracker = Tracker(run_id, cfg)
 
+def make_loaders(cfg: ExperimentConfig, rank: int, world: int, is_chief: bool):
+    """(train loader of this rank, val loader or None, val ground truth) for the worker."""
+    d, t = cfg.data, cfg.train
+    common = dict(max_v_l=d.max_v_l, max_q_l=d.max_q_l, max_windows=d.max_windows,
+                  video_features=d.video_features, text_features=d.text_features,
+                  domain=d.tvsum_domain or None, buffer_size=d.shuffle_buffer,
+                  num_workers=d.loader_workers, seed=t.seed)  # fmt: skip
+    train = make_loader(d.train, d.batch_size, rank=rank, world_size=world, shuffle=True,
+                        equal_per_rank=True, **common)  # fmt: skip
+    if not is_chief:
+        return train, None, []
+    val = make_loader(d.val, d.eval_batch_size, shuffle=False, **common)
+    ground_truth = read_annotations(d.val)
+    if d.tvsum_domain:
+        ground_truth = [g for g in ground_truth if g.get("domain") == d.tvsum_domain]
+    return train, val, ground_truth
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """One Ray Train worker: data for its rank, DDP model, vl.engine epochs, report per epoch."""
+    cfg = ExperimentConfig.from_dict(loop_config["config"], source="train_loop_config")
+    t = cfg.train
+    run_uri: str = loop_config["run_uri"]
+    quiet_ray_train_reports()
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, int(cfg.scale.cpus_per_worker)))
+    device = ray.train.torch.get_device()
+    is_chief = rank == 0
+    state = restore_or_init(cfg, device, loop_config.get("init_from"), is_chief)
+    train_loader, val_loader, ground_truth = make_loaders(cfg, rank, world, is_chief)
+    chief = ChiefEvaluation(cfg, loop_config["run_id"], loop_config["selection_metric"],
+                            val_loader, ground_truth, device) if is_chief else None  # fmt: skip
     epoch_times: list[float] = []
-    for epoch in range(start_epoch, t.epochs):
+    for epoch in range(state.start_epoch, t.epochs):
         train_loader.dataset.set_epoch(epoch)
-        steps_before = global_step
+        steps_before = state.global_step
 
         def on_step(step: int, _info: dict[str, float], base: int = steps_before) -> None:
-            maybe_inject_fault(run_uri, base + step, t.fail_at_step, rank, world)
+            maybe_inject_fault(run_uri, base + step, cfg.scale.fail_at_step, rank, world)
 
-        stats = train_one_epoch(model, criterion, train_loader, optimizer, epoch, device=device,
-                                grad_clip=t.grad_clip, bf16=t.bf16, on_step=on_step)
-        scheduler.step()
-        global_step += int(stats["steps"])
+        stats = train_one_epoch(state.model, state.criterion, train_loader, state.optimizer,
+                                epoch, device=device, grad_clip=t.grad_clip, bf16=t.bf16,
+                                on_step=on_step)  # fmt: skip
+        state.scheduler.step()
+        state.global_step += int(stats["steps"])
         train = mean_over_ranks(stats, world, device)
         epoch_times.append(stats["epoch_seconds"])
-        metrics: dict[str, float] = {"epoch": epoch, "global_step": global_step,
+        metrics: dict[str, float] = {"epoch": epoch, "global_step": state.global_step,
                                      "lr": stats["lr"], "epoch_seconds": stats["epoch_seconds"],
                                      "samples_per_s": stats["samples_per_s"] * world,
                                      **{f"train_{k}": v for k, v in train.items()}}
-        is_eval = (epoch + 1) % t.eval_every == 0 or epoch == t.epochs - 1
-        if not is_eval:
-            ray.train.report(metrics)  # a barrier: every rank reports every epoch
-            if is_chief:
-                tracker.log_epoch(epoch, metrics, history)
-                progress(epoch, t.epochs, metrics, epoch_times)
+        if (epoch + 1) % t.eval_every == 0 or epoch == t.epochs - 1:
+            with tempfile.TemporaryDirectory(prefix="vl-ckpt-") as tmp:
+                ckpt = chief.evaluate_and_checkpoint(state, epoch, metrics, Path(tmp),
+                                                     epoch_times) if chief else None  # fmt: skip
+                ray.train.report(metrics, checkpoint=ckpt)
             continue
-        with tempfile.TemporaryDirectory(prefix="vl-ckpt-") as tmp:
-            ckpt = None
-            if is_chief:
-                result, rows = evaluate(unwrap(model), criterion, val_loader, dataset=d.dataset,
-                                        ground_truth=ground_truth, device=device, epoch=epoch,
-                                        bf16=t.bf16)
-                metrics.update(eval_metrics(result))
-                value = metrics.get(selection_metric, float("-inf"))
-                if value > best["value"] or best["epoch"] < 0:
-                    best = {"epoch": epoch, "value": value}
-                tracker.log_epoch(epoch, metrics, history)
-                tracker.log_eval(epoch, history, rows, ground_truth, d.clip_len)
-                write_checkpoint(Path(tmp), cfg, model, optimizer, scheduler, epoch, global_step,
-                                 history, best, run_id, metrics, rows)
-                ckpt = ray.train.Checkpoint.from_directory(tmp)
-                progress(epoch, t.epochs, metrics, epoch_times, selection_metric)
-            ray.train.report(metrics, checkpoint=ckpt)
+        ray.train.report(metrics)  # a barrier: every rank reports every epoch
+        if chief is not None:
+            chief.tracker.log_epoch(epoch, metrics, state.history)
+            progress(epoch, t.epochs, metrics, epoch_times)
+
+
+@dataclass
+class ChiefEvaluation:
+    """Rank 0's evaluation epochs: score the val split, log to MLflow, write the checkpoint."""
+
+    cfg: ExperimentConfig
+    run_id: str
+    selection_metric: str
+    val_loader: Any
+    ground_truth: list[dict]
+    device: torch.device
+
+    def __post_init__(self) -> None:
+        self.tracker = Tracker(self.run_id, self.cfg)
+
+    def evaluate_and_checkpoint(self, state: WorkerState, epoch: int, metrics: dict[str, float],
+                                directory: Path, epoch_times: list[float]):  # fmt: skip
+        """Evaluate, log the epoch, write the checkpoint into `directory` and return it as a
+        Ray checkpoint (metrics gains the evaluation's values in place)."""
+        cfg = self.cfg
+        result, rows = evaluate(unwrap(state.model), state.criterion, self.val_loader,
+                                dataset=cfg.data.dataset, ground_truth=self.ground_truth,
+                                device=self.device, epoch=epoch, bf16=cfg.train.bf16)  # fmt: skip
+        metrics.update(eval_metrics(result))
+        value = metrics.get(self.selection_metric, float("-inf"))
+        if value > state.best["value"] or state.best["epoch"] < 0:
+            state.best = {"epoch": epoch, "value": value}
+        self.tracker.log_epoch(epoch, metrics, state.history)
+        self.tracker.log_eval(epoch, state.history, rows, self.ground_truth, cfg.data.clip_len)
+        write_checkpoint(directory, cfg, state, epoch, self.run_id, metrics, rows)
+        progress(epoch, cfg.train.epochs, metrics, epoch_times, self.selection_metric)
+        return ray.train.Checkpoint.from_directory(str(directory))
 
 
 def quiet_ray_train_reports() -> None:
@@ -391,21 +407,16 @@ def mean_over_ranks(stats: dict[str, float], world: int, device: torch.device) -
     return dict(zip(keys, values.tolist(), strict=True))
 
 
-def write_checkpoint(
-    directory: Path, cfg: ExperimentConfig, model: torch.nn.Module, optimizer, scheduler,
-    epoch: int, global_step: int, history: dict, best: dict, run_id: str,
-    metrics: dict[str, float], rows: list[dict[str, Any]],
-) -> None:
-    """Full training state for resume, the slim model file for the registry, and this
-    evaluation's metrics and predictions (so the best checkpoint carries its own evidence)."""
-    from vl.engine import unwrap
-
-    weights = {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
-    torch.save({"model": weights, "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "epoch": epoch, "global_step": global_step,
-                "config": cfg.to_dict(), "rng": rng_state(), "history": history, "best": best,
-                "run_id": run_id}, directory / STATE_FILE)
-    torch.save({"model": weights, "config": cfg.to_dict(), "epoch": epoch}, directory / MODEL_FILE)
+def write_checkpoint(directory: Path, cfg: ExperimentConfig, state: WorkerState, epoch: int,
+                     run_id: str, metrics: dict[str, float],
+                     rows: list[dict[str, Any]]) -> None:  # fmt: skip
+    """Full training state for resume, the model file for the registry (vl.checkpoint's
+    format), and this evaluation's metrics and predictions (so the best checkpoint carries its
+    own evidence)."""
+    write_training_state(directory, state.model, state.optimizer, state.scheduler, epoch,
+                         global_step=state.global_step, config=cfg.to_dict(),
+                         history=state.history, best=state.best, run_id=run_id)  # fmt: skip
+    write_model_file(directory, cpu_weights(state.model), cfg.to_dict(), epoch)
     (directory / METRICS_FILE).write_text(json.dumps(finite(metrics), indent=1, sort_keys=True))
     with open(directory / PREDICTIONS_FILE, "w") as f:
         for row in rows:
@@ -440,7 +451,6 @@ class Tracker:
         self.cfg = cfg
 
     def log_epoch(self, epoch: int, metrics: dict[str, float], history: dict) -> None:
-        tracking = tracking_module()
         values = finite({k: v for k, v in metrics.items() if k not in ("epoch",)})
         for k, v in values.items():
             history.setdefault(k, []).append((epoch, v))
@@ -449,49 +459,43 @@ class Tracker:
     def log_eval(self, epoch: int, history: dict, rows: list[dict], ground_truth: list[dict],
                  clip_len: float) -> None:
         """Curves and saliency examples, replaced at every evaluation (the latest is kept)."""
-        tracking = tracking_module()
         curves = {k: v for k, v in history.items()
                   if "loss" in k or k in (SELECTION_KEY, metric_key("MR-full-R1@0.5"), "mAP")}
-        tracking.log_figure(self.run_id, tracking.plot_curves(curves), "curves")
+        tracking.log_figure(self.run_id, figures.plot_curves(curves), "curves")
         if self.cfg.data.dataset != "tvsum" and rows:
-            fig = tracking.plot_saliency_examples(rows, ground_truth, n=4, clip_len=clip_len)
+            fig = figures.plot_saliency_examples(rows, ground_truth, n=4, clip_len=clip_len)
             tracking.log_figure(self.run_id, fig, "saliency_examples")
 
 
 # ---- the driver ------------------------------------------------------------------------------
 def build_trainer(plan: JobPlan, run_id: str, use_gpu: bool):
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    t = plan.cfg.train
+    scale = plan.cfg.scale
     storage_path = plan.storage
     if "://" not in storage_path:
         storage_path = os.path.abspath(storage_path)
-    resources = {"CPU": t.cpus_per_worker}
+    resources = {"CPU": scale.cpus_per_worker}
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": plan.cfg.to_dict(), "run_id": run_id,
                            "run_uri": plan.run_uri, "selection_metric": plan.selection_metric,
                            "init_from": plan.init_from},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=use_gpu,
+        scaling_config=ScalingConfig(num_workers=scale.num_workers, use_gpu=use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(
             name=plan.name,
             storage_path=storage_path,
             checkpoint_config=CheckpointConfig(
-                num_to_keep=t.keep_checkpoints,
+                num_to_keep=scale.keep_checkpoints,
                 checkpoint_score_attribute=plan.selection_metric,
                 checkpoint_score_order="max",
             ),
-            failure_config=FailureConfig(max_failures=t.max_failures),
+            failure_config=FailureConfig(max_failures=scale.max_failures),
         ),
     )
 
 
 def cluster_has_gpus() -> bool:
-    import ray
-
     return ray.cluster_resources().get("GPU", 0) > 0
 
 
@@ -505,9 +509,6 @@ def best_checkpoint(result, selection_metric: str):
 
 def finalize(plan: JobPlan, run_id: str, result) -> dict[str, Any]:
     """Final metrics and best predictions into the run; register the best checkpoint."""
-    from mlflow.tracking import MlflowClient
-
-    tracking = tracking_module()
     # save_model warns that a PythonModel object is cloudpickled: it is our own class, on purpose
     logging.getLogger("mlflow.pyfunc").setLevel(logging.ERROR)
     ckpt, metrics = best_checkpoint(result, plan.selection_metric)
@@ -533,7 +534,7 @@ def finalize(plan: JobPlan, run_id: str, result) -> dict[str, Any]:
                        metrics={k: best_metrics[k] for k in sorted(best_metrics)
                                 if not k.startswith(("train_", "val_"))})
         if plan.register_as:
-            version, champion = tracking.log_and_register_model(
+            version, champion = serving.log_and_register_model(
                 run_id, ckpt_dir / MODEL_FILE, plan.register_as, plan.selection_metric,
                 float(best_metrics.get(plan.selection_metric, float("-inf"))))
             summary.update(registered_model=plan.register_as, version=version,
@@ -543,11 +544,6 @@ def finalize(plan: JobPlan, run_id: str, result) -> dict[str, Any]:
 
 def run(plan: JobPlan) -> dict[str, Any]:
     """Open the MLflow run, train under Ray, finalize. Raises on a failed training."""
-    import ray
-    from mlflow.tracking import MlflowClient
-    from ray.train import TrainingFailedError
-
-    tracking = tracking_module()
     run_id = tracking.start_or_resume_run(plan.experiment, plan.name)
     tracking.log_params(run_id, {**plan.cfg.to_dict(), "job": {
         "storage": plan.storage, "run_name": plan.name, "selection_metric": plan.selection_metric,
@@ -557,11 +553,11 @@ def run(plan: JobPlan) -> dict[str, Any]:
         print(f"note: {note}", flush=True)
     print(f"run {plan.name}: MLflow run {run_id} (experiment {plan.experiment!r}), "
           f"checkpoints under {plan.run_uri}, {plan.num_train} train / {plan.num_val} val "
-          f"samples, {plan.cfg.train.num_workers} workers", flush=True)
+          f"samples, {plan.cfg.scale.num_workers} workers", flush=True)
     if not ray.is_initialized():
         ray.init(log_to_driver=True)
-    use_gpu = plan.cfg.train.use_gpu and cluster_has_gpus()
-    if plan.cfg.train.use_gpu and not use_gpu:
+    use_gpu = plan.cfg.scale.use_gpu and cluster_has_gpus()
+    if plan.cfg.scale.use_gpu and not use_gpu:
         print("note: the config asks for GPU workers but the cluster has no GPU; "
               "training on CPU (gloo)", flush=True)
     try:

@@ -6,7 +6,7 @@ import torch
 
 from vl.config import FEATURE_DIMS, ExperimentConfig
 from vl.data.batch import Batch
-from vl.data.random_batch import random_batch
+from vl.testing import random_batch
 
 
 def tiny_config(*overrides: str) -> ExperimentConfig:

@@ -4,16 +4,28 @@ first fine-tuning loss equal to the pretrained model's loss on the same batch.""
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
+import mlflow
 import pytest
 import torch
+from mlflow.tracking import MlflowClient
 
-from vl.checkpoint import CheckpointMismatchError, load_weights, read_weights
+from vl import serving, tracking
+from vl.checkpoint import (
+    CheckpointMismatchError,
+    load_weights,
+    read_weights,
+    restore_training_state,
+    seed_everything,
+    write_training_state,
+)
 from vl.config import ExperimentConfig
-from vl.data.random_batch import random_batch
 from vl.engine import build_optimizer, forward, train_step
 from vl.losses import build_criterion
 from vl.model import build_model
+from vl.storage import filesystem
+from vl.testing import random_batch
 
 
 def tiny_cfg(**model_overrides) -> ExperimentConfig:
@@ -131,11 +143,6 @@ def test_mismatch_names_every_tensor(pretrained):
 
 def test_s3_and_registered_model_sources(pretrained, s3_env, tmp_path, monkeypatch):
     """s3:// checkpoint folders and `models:/NAME@champion` (registry on a local SQLite store)."""
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
-    from vl import tracking
-    from vl.data.shards import filesystem
 
     cfg, pre = pretrained
     local = tmp_path / "model.pt"
@@ -152,7 +159,7 @@ def test_s3_and_registered_model_sources(pretrained, s3_env, tmp_path, monkeypat
     try:
         MlflowClient().create_experiment("pretrain", artifact_location=(tmp_path / "art").as_uri())
         run_id = tracking.start_or_resume_run("pretrain", "pre-1")
-        version, champion = tracking.log_and_register_model(
+        version, champion = serving.log_and_register_model(
             run_id, local, "vl-pretrained", "MR-full-R1_at_0.5", 50.0)
         assert champion
         tracking.finish_run(run_id)
@@ -169,8 +176,6 @@ def test_s3_and_registered_model_sources(pretrained, s3_env, tmp_path, monkeypat
 def test_pretrain_and_finetune_configs_build_the_same_network():
     """configs/pretrain.yaml -> configs/qvhighlights_finetune.yaml: the paper's coefficients and a
     checkpoint of the first loads into the second."""
-    from pathlib import Path
-
     root = Path(__file__).resolve().parents[1] / "configs"
     pre = ExperimentConfig.from_yaml(root / "pretrain.yaml")
     fine = ExperimentConfig.from_yaml(root / "qvhighlights_finetune.yaml")
@@ -185,3 +190,26 @@ def test_pretrain_and_finetune_configs_build_the_same_network():
     target = build_model(fine.model)
     load_weights(target, {"model": source.state_dict()})
     assert all(torch.equal(v, source.state_dict()[k]) for k, v in target.state_dict().items())
+
+
+def test_training_state_resumes_the_same_run(tmp_path):
+    """write_training_state + restore_training_state: a fresh process continues exactly where
+    the run stopped (weights, AdamW moments, schedule and the RNG stream that dropout draws)."""
+    cfg = ExperimentConfig.from_preset("tiny")  # dropout on: the RNG state matters
+    criterion = build_criterion(cfg.loss)
+    batch = batch_for(cfg, 7)
+    seed_everything(3)
+    model = build_model(cfg.model)
+    optimizer, scheduler = build_optimizer(model, cfg.train)
+    train_step(model, criterion, batch, optimizer, epoch=0)
+    scheduler.step()
+    write_training_state(tmp_path, model, optimizer, scheduler, 0, best={"value": 1.5})
+    expected = float(train_step(model, criterion, batch, optimizer, epoch=1)["loss"])
+
+    seed_everything(99)  # a fresh start elsewhere: everything must come from the state file
+    resumed = build_model(cfg.model)
+    opt2, sched2 = build_optimizer(resumed, cfg.train)
+    state = restore_training_state(tmp_path, resumed, opt2, sched2)
+    assert state["epoch"] == 0 and state["best"] == {"value": 1.5}
+    assert sched2.last_epoch == scheduler.last_epoch
+    assert float(train_step(resumed, criterion, batch, opt2, epoch=1)["loss"]) == expected

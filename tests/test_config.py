@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from vl.config import ConfigError, ExperimentConfig
+from vl.config import ConfigError, ExperimentConfig, apply_overrides, apply_values
 
 
 def test_paper_preset_matches_the_paper():
@@ -79,3 +79,31 @@ def test_unreadable_and_invalid_yaml(tmp_path):
     bad.write_text("model: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         ExperimentConfig.from_yaml(bad)
+
+
+@pytest.mark.parametrize(("old", "new"), [
+    ("data.num_workers", "data.loader_workers"),
+    ("train.num_workers", "scale.num_workers"),
+    ("train.cpus_per_worker", "scale.cpus_per_worker"),
+    ("train.fail_at_step", "scale.fail_at_step"),
+])
+def test_moved_keys_fail_naming_the_new_key(tmp_path, old, new):
+    section, key = old.split(".")
+    path = tmp_path / "old.yaml"
+    path.write_text(f"preset: tiny\n{section}:\n  {key}: 1\n")
+    with pytest.raises(ConfigError, match=f"'{old}' is now '{new}'") as err:
+        ExperimentConfig.from_yaml(path)
+    assert str(path) in str(err.value)
+    with pytest.raises(ConfigError, match=f"is now '{new}'"):
+        ExperimentConfig.from_preset("tiny", [f"{old}=1"])
+    moved = ExperimentConfig.from_preset("tiny", [f"{new}=1"])
+    assert getattr(getattr(moved, new.split(".")[0]), new.split(".")[1]) == 1
+
+
+def test_apply_values_sets_dotted_paths_like_set():
+    raw = {"preset": "tiny", "loss": {"hl_coef": 1.0}}
+    by_value = apply_values(raw, {"loss.hl_coef": 5.0, "train.seed": 3})
+    assert by_value == apply_overrides(raw, ["loss.hl_coef=5.0", "train.seed=3"], "test")
+    assert raw["loss"]["hl_coef"] == 1.0  # the input is not modified
+    cfg = ExperimentConfig.from_dict(by_value)
+    assert (cfg.loss.hl_coef, cfg.train.seed) == (5.0, 3)

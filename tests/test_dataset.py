@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -12,9 +13,17 @@ import torch
 
 from jobs.shard import run as shard_run
 from vl.data.annotations import Targets, load_annotations
-from vl.data.dataset import Sample, ShardDataset, collate, make_loader, read_annotations
+from vl.data.dataset import (
+    Sample,
+    ShardDataset,
+    _ShardPrefetcher,
+    collate,
+    make_loader,
+    read_annotations,
+)
 from vl.data.features import l2_normalize, load_text_set, load_video_set, parse_feature_dirs
 from vl.data.synthetic import SyntheticConfig, generate
+from vl.storage import filesystem
 
 torch.set_num_threads(1)
 
@@ -186,7 +195,6 @@ def test_s3_shards_are_cached_locally(qvh, s3_env, tmp_path: Path) -> None:
                                                                    "qvhighlights"))  # fmt: skip
     assert len(list(cache.glob("*.parquet"))) == -(-layout.num_train // 8)  # one file per shard
     # With the shard objects gone, a new dataset still streams from the local cache.
-    from vl.data.shards import filesystem
 
     fs, path = filesystem(out)
     for f in fs.ls(path):
@@ -197,9 +205,6 @@ def test_s3_shards_are_cached_locally(qvh, s3_env, tmp_path: Path) -> None:
 
 
 def test_shard_prefetcher_fetches_ahead_in_first_use_order_and_reraises():
-    import threading
-
-    from vl.data.dataset import _ShardPrefetcher
 
     started: list[int] = []
     release = threading.Event()

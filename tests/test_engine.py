@@ -135,3 +135,17 @@ def test_ddp_ranks_stay_in_sync(tmp_path):
     r0, r1 = (torch.load(tmp_path / f"{r}.pt") for r in range(2))
     assert r0["loss"] != r1["loss"]  # different data per rank ...
     assert torch.equal(r0["weights"], r1["weights"])  # ... all-reduced gradients: same weights
+
+
+def test_evaluate_runs_one_forward_per_batch():
+    """The loss and the prediction rows come from the same forward (engine.postprocess)."""
+    cfg = tiny_config()
+    model = build_model(cfg.model)
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    batches = [tiny_batch(cfg, batch_size=3, seed=s) for s in range(2)]
+    result, rows = evaluate(model, build_criterion(cfg.loss), batches, dataset="qvhighlights")
+    assert len(calls) == 2 and len(rows) == 6 and "val_loss" in result
+    calls.clear()
+    alone = predict_rows(model, batches[0], dataset="qvhighlights")
+    assert len(calls) == 1 and alone == rows[:3]

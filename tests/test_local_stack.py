@@ -17,7 +17,9 @@ import urllib.request
 import uuid
 from pathlib import Path
 
+import boto3
 import pytest
+from mlflow.tracking import MlflowClient
 
 from cluster.local.common import quiet_env
 from cluster.local.ray_head import session_members
@@ -28,8 +30,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _s3_client(s3_server):
-    import boto3
-
     return boto3.client(
         "s3",
         endpoint_url=s3_server.endpoint,
@@ -44,8 +44,6 @@ def _ray_cli() -> str:
 
 
 def test_mlflow_run_metric_and_artifact_land_in_s3(mlflow_env, s3_server):
-    from mlflow.tracking import MlflowClient
-
     client = MlflowClient()
     experiment_id = client.create_experiment(f"stack-{uuid.uuid4().hex[:8]}")
     run = client.create_run(experiment_id)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from vl.metrics import EvalInputError, evaluate_tvsum, selection_score, tvsum_top5_map
 from vl.metrics.tvsum import tvsum_annotator_aps
@@ -67,8 +68,6 @@ def test_mean_over_annotators():
 
 def torch_reference(pred, label):
     """The spec's per-annotator loop, literally, with torch ops as the reference code uses."""
-    import torch
-
     torch.set_num_threads(1)
     pred = torch.tensor(pred, dtype=torch.float32)
     aps = []

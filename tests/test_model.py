@@ -9,9 +9,11 @@ import pytest
 import torch
 
 from tests.helpers import pad_batch, tiny_batch, tiny_config
+from vl.config import ExperimentConfig
 from vl.engine import forward
 from vl.losses import build_criterion
 from vl.model import build_model
+from vl.model.layers import Dropout, FeedForward, additive_mask, attend
 
 torch.set_num_threads(1)
 
@@ -125,8 +127,6 @@ def test_same_seed_same_loss_bitwise():
 
 
 def test_parameter_count_paper_preset_is_close_to_reference():
-    from vl.config import ExperimentConfig
-
     n = sum(p.numel() for p in build_model(ExperimentConfig.from_preset("paper").model)
             .parameters())
     # reference: 12,310,760. Ours adds the Bi-CMF self-attention stage (paper's Algorithm 2)
@@ -144,8 +144,6 @@ def test_no_cuda_calls_and_no_ray_in_vl():
 
 @pytest.mark.parametrize("p", [0.1, 0.5])
 def test_fast_dropout_is_inverted_dropout(p):
-    from vl.model.layers import Dropout
-
     torch.manual_seed(0)
     drop = Dropout(p)
     x = torch.ones(200_000, requires_grad=True)
@@ -159,8 +157,6 @@ def test_fast_dropout_is_inverted_dropout(p):
 
 
 def test_attention_dropout_path_matches_fused_kernel_without_dropout():
-    from vl.model.layers import additive_mask, attend
-
     torch.manual_seed(0)
     q, k, v = torch.randn(2, 4, 5, 8), torch.randn(2, 4, 7, 8), torch.randn(2, 4, 7, 8)
     mask = additive_mask(torch.tensor([[True] * 7, [True] * 4 + [False] * 3]), torch.float32)
@@ -177,8 +173,6 @@ def test_attention_dropout_path_matches_fused_kernel_without_dropout():
 def test_fused_prelu_dropout_equals_the_separate_modules(training):
     """The FFN's one-node PReLU + dropout gives the same values and gradients as nn.PReLU
     followed by Dropout with the same random draw (the slope gradient to float rounding)."""
-    from vl.model.layers import FeedForward
-
     torch.manual_seed(0)
     ffn = FeedForward(16, 64, 0.3).train(training)
     with torch.no_grad():

@@ -13,8 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from jobs.predict import main
+from jobs.shard import run as shard_run
+from vl import serving, tracking
 from vl.config import ExperimentConfig
+from vl.data.dataset import make_loader, read_annotations
 from vl.data.synthetic import SyntheticConfig, generate
+from vl.engine import predict_rows
+from vl.model import build_model
 
 REPO = Path(__file__).resolve().parents[1]
 DIMS = {"slowfast": 8, "clip": 8}
@@ -25,8 +31,6 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def val_shards(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A local val shard set: 8 synthetic videos, 16 queries."""
-    from jobs.shard import run as shard_run
-
     layout = generate(SyntheticConfig("qvhighlights", videos=8, seed=5, dims=DIMS,
                                       video_sets=("slowfast", "clip"), text_sets=("clip",),
                                       val_fraction=0.0), tmp_path_factory.mktemp("raw"))
@@ -40,9 +44,6 @@ def val_shards(tmp_path_factory: pytest.TempPathFactory) -> str:
 @pytest.fixture
 def registered(mlflow_env, tmp_path: Path) -> tuple[str, ExperimentConfig, dict]:
     """A (randomly initialised) smoke model registered as NAME with alias champion."""
-    from vl import tracking
-    from vl.model import build_model
-
     cfg = ExperimentConfig.from_yaml(REPO / "configs/smoke.yaml",
                                      ["model.video_dim=16", "model.text_dim=8"])
     torch.manual_seed(0)
@@ -51,7 +52,7 @@ def registered(mlflow_env, tmp_path: Path) -> tuple[str, ExperimentConfig, dict]
     torch.save({"model": weights, "config": cfg.to_dict(), "epoch": 0}, path)
     name = f"vl-predict-{uuid.uuid4().hex[:8]}"
     run_id = tracking.start_or_resume_run("test-predict", name)
-    version, champion = tracking.log_and_register_model(run_id, path, name, "selection", 1.0)
+    version, champion = serving.log_and_register_model(run_id, path, name, "selection", 1.0)
     tracking.finish_run(run_id)
     assert champion and version == "1"
     return name, cfg, weights
@@ -61,11 +62,6 @@ def test_predict_writes_official_rows_that_match_the_engine(registered, val_shar
                                                             capsys):
     """The pyfunc path (per-sample inputs, its own padding) gives the rows vl.engine gives on
     the training loader's batches for the same weights."""
-    from jobs.predict import main
-    from vl.data.dataset import make_loader, read_annotations
-    from vl.engine import predict_rows
-    from vl.model import build_model
-
     name, cfg, weights = registered
     out = tmp_path / "pred.jsonl"
     assert main(["--model", f"models:/{name}@champion", "--data", val_shards, "--out", str(out),
@@ -96,8 +92,6 @@ def test_predict_writes_official_rows_that_match_the_engine(registered, val_shar
 
 
 def test_predict_missing_shards_fails_fast(mlflow_env, tmp_path, capsys):
-    from jobs.predict import main
-
     code = main(["--model", "models:/nothing@champion", "--data", str(tmp_path / "nope"),
                  "--out", str(tmp_path / "p.jsonl")])
     assert code == 2

@@ -40,7 +40,7 @@ def videos(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _register(cfg: ExperimentConfig, tmp_path: Path, features: dict | None) -> str:
-    from vl import tracking
+    from vl import serving, tracking
     from vl.model import build_model
 
     torch.manual_seed(0)
@@ -49,7 +49,7 @@ def _register(cfg: ExperimentConfig, tmp_path: Path, features: dict | None) -> s
                 "epoch": 0}, path)
     name = f"vl-video-{uuid.uuid4().hex[:8]}"
     run_id = tracking.start_or_resume_run("test-predict-video", name)
-    tracking.log_and_register_model(run_id, path, name, "selection", 1.0, features=features)
+    serving.log_and_register_model(run_id, path, name, "selection", 1.0, features=features)
     tracking.finish_run(run_id)
     return f"models:/{name}@champion"
 

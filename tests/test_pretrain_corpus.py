@@ -148,7 +148,7 @@ def tiny_models() -> Iterator[tuple[Path, Path]]:
 
 
 def _upload_videos(local_dir: Path, prefix: str) -> None:
-    from vl.data.shards import filesystem
+    from vl.storage import filesystem
 
     fs, root = filesystem(prefix)
     for path in sorted(local_dir.rglob("*")):
@@ -279,7 +279,7 @@ def test_corpus_job_on_s3_rows_shards_failures_rerun_and_mlflow(
                 atol=5e-3)
 
     # what jobs.train does with it: preflight (dims from the manifests), model, loss
-    from jobs.errors import check_data
+    from jobs.preflight import check_data
     from vl.config import ExperimentConfig
     from vl.engine import evaluate, forward
     from vl.losses import build_criterion

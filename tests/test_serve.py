@@ -92,7 +92,7 @@ def videos_dir(shards: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _register(name: str, seed: int, tmp: Path, checkpoint: dict | None = None) -> str:
     """Register a randomly initialised smoke model (or `checkpoint`) and make it champion."""
-    from vl import tracking
+    from vl import serving, tracking
     from vl.model import build_model
 
     cfg = ExperimentConfig.from_yaml(REPO / "configs/smoke.yaml",
@@ -102,7 +102,7 @@ def _register(name: str, seed: int, tmp: Path, checkpoint: dict | None = None) -
     torch.save(checkpoint or {"model": build_model(cfg.model).state_dict(),
                               "config": cfg.to_dict(), "epoch": 0}, path)
     run_id = tracking.start_or_resume_run("test-serve", f"{name}-{seed}")
-    version, _ = tracking.log_and_register_model(run_id, path, name, "selection", 1.0 + seed)
+    version, _ = serving.log_and_register_model(run_id, path, name, "selection", 1.0 + seed)
     tracking.finish_run(run_id)
     return version
 

@@ -9,10 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from cluster.local.common import NO_TELEMETRY_ENV
 from jobs.shard import main, run
 from vl.data.annotations import load_annotations
-from vl.data.shards import filesystem, read_annotations, read_manifest
+from vl.data.shards import read_annotations, read_manifest
 from vl.data.synthetic import SyntheticConfig, generate
+from vl.storage import filesystem
 
 DIMS = {"slowfast": 12, "clip": 8, "blip": 8}
 
@@ -98,7 +100,6 @@ def test_ray_tasks_write_the_same_shards(
     layout, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     ray = pytest.importorskip("ray")
-    from cluster.local.common import NO_TELEMETRY_ENV
 
     for k, v in NO_TELEMETRY_ENV.items():
         monkeypatch.setenv(k, v)

@@ -17,12 +17,12 @@ from vl.data.shards import (
     ShardRow,
     decode_features,
     fetch_shard,
-    filesystem,
     read_annotations,
     read_manifest,
     write_manifest,
     write_shard,
 )
+from vl.storage import filesystem
 
 VIDEO = [FeatureSpec("slowfast", 12), FeatureSpec("clip", 8)]
 TEXT = [FeatureSpec("clip", 8)]

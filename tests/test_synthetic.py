@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vl.data.annotations import TVSUM_DOMAINS, load_annotations
+from vl.config import TVSUM_DOMAINS
+from vl.data.annotations import load_annotations
 from vl.data.features import (
     l2_normalize,
     load_text_set,

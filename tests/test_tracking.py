@@ -10,11 +10,19 @@ from __future__ import annotations
 import time
 import uuid
 
+import mlflow.pyfunc
 import numpy as np
+import pandas as pd
 import pytest
+import torch
+from mlflow.tracking import MlflowClient
 
 from cluster.local.common import free_port
-from vl import tracking
+from vl import figures, serving, tracking
+from vl.config import ExperimentConfig
+from vl.data.batch import Batch
+from vl.engine import predict_rows
+from vl.model import build_model
 
 
 def _name(prefix: str) -> str:
@@ -47,7 +55,7 @@ def test_flatten_params_dots_keys_and_drops_credentials():
 
 def test_gt_saliency_sums_three_annotators_on_relevant_clips():
     gt = {"relevant_clip_ids": [1, 3], "saliency_scores": [[4, 3, 2], [0, 1, 1]]}
-    assert tracking.gt_saliency(gt, 5).tolist() == [0, 9, 0, 2, 0]
+    assert figures.gt_saliency(gt, 5).tolist() == [0, 9, 0, 2, 0]
 
 
 def test_check_tracking_server_fails_fast_when_nothing_listens():
@@ -61,7 +69,7 @@ def test_check_tracking_server_fails_fast_when_nothing_listens():
 
 def test_plots_draw_curves_spans_and_saliency():
     history = {"loss_total": [(0, 2.0), (1, 1.0)], "val/MR-full-mAP": [(0, 10.0), (1, 20.0)]}
-    fig = tracking.plot_curves(history)
+    fig = figures.plot_curves(history)
     loss_ax, metric_ax = fig.axes
     assert [line.get_label() for line in loss_ax.get_lines()] == ["loss_total"]
     assert loss_ax.get_yscale() == "log"
@@ -74,7 +82,7 @@ def test_plots_draw_curves_spans_and_saliency():
     ]
     gt = [{"qid": 1, "query": "a dog", "duration": 6, "relevant_windows": [[2, 4]],
            "relevant_clip_ids": [1], "saliency_scores": [[4, 4, 4]]}]
-    fig = tracking.plot_saliency_examples(rows, gt, n=4)
+    fig = figures.plot_saliency_examples(rows, gt, n=4)
     ax = fig.axes[0]  # one query -> one main axis (+ its twin)
     assert len(fig.axes) == 2
     gt_line = ax.get_lines()[0]
@@ -91,8 +99,6 @@ def test_check_tracking_server_accepts_running_server(mlflow_env):
 
 
 def test_start_or_resume_run_continues_the_tagged_run(mlflow_env):
-    from mlflow.tracking import MlflowClient
-
     experiment = _name("exp")
     first = tracking.start_or_resume_run(experiment, "trial-a")
     tracking.finish_run(first, status="FAILED")
@@ -107,8 +113,6 @@ def test_start_or_resume_run_continues_the_tagged_run(mlflow_env):
 
 
 def test_log_epoch_and_params(mlflow_env):
-    from mlflow.tracking import MlflowClient
-
     run_id = tracking.start_or_resume_run(_name("exp"), "r")
     tracking.log_epoch(run_id, 0, {"loss": 2.5, "mAP": np.float32(10.0)})
     tracking.log_epoch(run_id, 1, {"loss": 1.5})
@@ -121,32 +125,26 @@ def test_log_epoch_and_params(mlflow_env):
 
 
 def test_log_figure_stores_png(mlflow_env):
-    from mlflow.tracking import MlflowClient
-
     run_id = tracking.start_or_resume_run(_name("exp"), "fig")
-    tracking.log_figure(run_id, tracking.plot_curves({"loss": [(0, 1.0)]}), "curves")
+    tracking.log_figure(run_id, figures.plot_curves({"loss": [(0, 1.0)]}), "curves")
     files = [f.path for f in MlflowClient().list_artifacts(run_id, "plots")]
     assert files == ["plots/curves.png"]
 
 
 def _fake_checkpoint(tmp_path):
     """Registration never loads the checkpoint, so any torch file serves here."""
-    import torch
-
     path = tmp_path / "checkpoint.pt"
     torch.save({"model": {}, "config": {}}, path)
     return path
 
 
 def test_champion_alias_moves_only_to_a_better_model(mlflow_env, tmp_path):
-    from mlflow.tracking import MlflowClient
-
     name = _name("vl-model")
     run_id = tracking.start_or_resume_run(_name("exp"), "reg")
     ckpt = _fake_checkpoint(tmp_path)
-    v1, champ1 = tracking.log_and_register_model(run_id, ckpt, name, "MR-full-mAP", 30.0)
-    v2, champ2 = tracking.log_and_register_model(run_id, ckpt, name, "MR-full-mAP", 25.0)
-    v3, champ3 = tracking.log_and_register_model(run_id, ckpt, name, "MR-full-mAP", 30.5)
+    v1, champ1 = serving.log_and_register_model(run_id, ckpt, name, "MR-full-mAP", 30.0)
+    v2, champ2 = serving.log_and_register_model(run_id, ckpt, name, "MR-full-mAP", 25.0)
+    v3, champ3 = serving.log_and_register_model(run_id, ckpt, name, "MR-full-mAP", 30.5)
     assert (champ1, champ2, champ3) == (True, False, True)
     client = MlflowClient()
     assert client.get_model_version_by_alias(name, "champion").version == v3
@@ -156,8 +154,8 @@ def test_champion_alias_moves_only_to_a_better_model(mlflow_env, tmp_path):
     assert client.get_run(run_id).info.status == "RUNNING"  # logging did not end the run
 
     low = _name("vl-loss")
-    _, first = tracking.log_and_register_model(run_id, ckpt, low, "loss", 1.0, False)
-    worse_v, worse = tracking.log_and_register_model(run_id, ckpt, low, "loss", 2.0, False)
+    _, first = serving.log_and_register_model(run_id, ckpt, low, "loss", 1.0, False)
+    worse_v, worse = serving.log_and_register_model(run_id, ckpt, low, "loss", 2.0, False)
     assert first and not worse
     assert client.get_model_version_by_alias(low, "champion").version != worse_v
 
@@ -166,14 +164,7 @@ def test_pyfunc_roundtrip(mlflow_env, tmp_path):
     """The registered champion, loaded by URI, predicts the same rows as the bare model on
     each sample alone (so padding two samples of different length changes nothing)."""
     pytest.importorskip("vl.engine")
-    import mlflow.pyfunc
-    import pandas as pd
-    import torch
 
-    from vl.config import ExperimentConfig
-    from vl.data.batch import Batch
-    from vl.engine import predict_rows
-    from vl.model import build_model
 
     torch.manual_seed(0)
     torch.set_num_threads(1)
@@ -183,7 +174,7 @@ def test_pyfunc_roundtrip(mlflow_env, tmp_path):
     torch.save({"model": model.state_dict(), "config": cfg.to_dict()}, ckpt)
     run_id = tracking.start_or_resume_run(_name("exp"), "pyfunc")
     name = _name("vl-tiny")
-    tracking.log_and_register_model(run_id, ckpt, name, "MR-full-mAP", 1.0)
+    serving.log_and_register_model(run_id, ckpt, name, "MR-full-mAP", 1.0)
 
     rng = np.random.default_rng(0)
     dv, dt = cfg.model.video_input_dim, cfg.model.text_dim

@@ -14,12 +14,23 @@ import time
 import uuid
 from pathlib import Path
 
+import mlflow.pyfunc
 import pytest
+import ray
 import torch
+from mlflow.tracking import MlflowClient
+from ray.job_submission import JobStatus, JobSubmissionClient
 
-from cluster.local.common import wait_for
+from cluster.local.common import free_port, wait_for
+from jobs.predict import main as predict_main
+from jobs.predict import shard_inputs
+from jobs.preflight import check_data
+from jobs.shard import run as shard_run
+from jobs.train import check_init_weights, main
 from tests.jobs import client_env, submit
+from vl.config import ExperimentConfig
 from vl.data.synthetic import SyntheticConfig, generate
+from vl.model import build_model
 
 REPO = Path(__file__).resolve().parents[1]
 DIMS = {"slowfast": 8, "clip": 8}
@@ -41,8 +52,6 @@ def stack_env(local_stack_env: dict[str, str]) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def shards(stack_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> str:
     """s3://vl-data/test_train_job/<uid> holding train/ (48 queries) and val/ (16 queries)."""
-    from jobs.shard import run as shard_run
-
     layout = generate(
         SyntheticConfig("qvhighlights", videos=32, seed=3, dims=DIMS,
                         video_sets=("slowfast", "clip"), text_sets=("clip",), val_fraction=0.25),
@@ -85,8 +94,6 @@ def _registered_checkpoint(env: dict[str, str], run_path: str) -> bool:
     resubmitted job resumes from. A checkpoint folder with state.pt exists a moment earlier (the
     worker uploads it before the controller records it); stopping in that window rightly starts
     over, so the test must wait for the record, not the folder."""
-    import json
-
     fs = _s3(env)
     snapshot = f"{run_path}/checkpoint_manager_snapshot.json"
     if not fs.exists(snapshot):
@@ -98,8 +105,6 @@ def _registered_checkpoint(env: dict[str, str], run_path: str) -> bool:
 
 
 def _runs(experiment: str, name: str):
-    from mlflow.tracking import MlflowClient
-
     client = MlflowClient()
     exp = client.get_experiment_by_name(experiment)
     assert exp is not None, f"no MLflow experiment {experiment!r}"
@@ -111,9 +116,6 @@ def test_submit_stop_resubmit_register_and_predict(shards, stack_env, mlflow_env
     """The product path: ray job submit; `ray job stop` after the first checkpoint; resubmit
     with the same name -> it resumes (first epoch > 1), ONE MLflow run holds every epoch, the
     best checkpoint is registered as champion and the pyfunc loads and predicts."""
-    import mlflow.pyfunc
-    from mlflow.tracking import MlflowClient
-
     name, model_name = f"e2e-{_uid()}", f"vl-test-{_uid()}"
     storage = "s3://vl-runs/test_train_job"
     epochs = 8
@@ -127,7 +129,6 @@ def test_submit_stop_resubmit_register_and_predict(shards, stack_env, mlflow_env
     # `ray job stop` subprocess takes seconds to import on a loaded machine).
     # The token goes in an explicit header rather than RAY_AUTH_* in this process: Ray caches
     # its auth mode per process, and other tests in the session run Ray with auth disabled.
-    from ray.job_submission import JobStatus, JobSubmissionClient
 
     token = Path(stack_env["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
     jobs = JobSubmissionClient(stack_env["RAY_ADDRESS"],
@@ -168,7 +169,6 @@ def test_submit_stop_resubmit_register_and_predict(shards, stack_env, mlflow_env
         == set(range(epochs))
     for key in ("train_loss_span", "train_loss_saliency", "lr", "samples_per_s", "val_loss"):
         assert key in run.data.metrics, key
-    from vl.config import ExperimentConfig
 
     smoke = ExperimentConfig.from_yaml("configs/smoke.yaml")
     assert run.data.params["model.hidden_dim"] == str(smoke.model.hidden_dim)  # flattened config
@@ -187,8 +187,6 @@ def test_submit_stop_resubmit_register_and_predict(shards, stack_env, mlflow_env
     # The registry: version 1 is the champion; its pyfunc predicts on the held-out shards.
     version = client.get_model_version_by_alias(model_name, "champion")
     assert version.version == "1" and version.run_id == run.info.run_id
-    from jobs.predict import main as predict_main
-    from jobs.predict import shard_inputs
 
     model = mlflow.pyfunc.load_model(f"models:/{model_name}@champion")
     inputs, _ = shard_inputs(f"{shards}/val", model.unwrap_python_model().cfg)
@@ -201,14 +199,14 @@ def test_submit_stop_resubmit_register_and_predict(shards, stack_env, mlflow_env
 
 
 def test_killed_worker_is_replaced_and_training_resumes(shards, stack_env, mlflow_env):
-    """train.fail_at_step: rank 1 exits hard once mid-epoch; Ray restarts the group from the
+    """scale.fail_at_step: rank 1 exits hard once mid-epoch; Ray restarts the group from the
     latest checkpoint and the job still succeeds with every epoch and one MLflow run."""
     name = f"fault-{_uid()}"
     epochs = 3
     # 48 train queries, 2 ranks, batch 8 -> 3 steps per epoch: step 5 is inside epoch 2.
     entry = _entrypoint("--data", shards, "--storage", "s3://vl-runs/test_train_job",
                         "--name", name, "--set", f"train.epochs={epochs}",
-                        "--set", "train.fail_at_step=5", *FAST)
+                        "--set", "scale.fail_at_step=5", *FAST)
     done = submit(stack_env, name, entry)
     log = done.stdout + done.stderr
     assert done.returncode == 0, log[-5000:]
@@ -217,7 +215,6 @@ def test_killed_worker_is_replaced_and_training_resumes(shards, stack_env, mlflo
     assert resumed and "continuing with epoch 2/3" in resumed[0], log[-5000:]
     runs = _runs("videolights-smoke", name)
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-    from mlflow.tracking import MlflowClient
 
     history = MlflowClient().get_metric_history(runs[0].info.run_id, "train_loss")
     assert sorted({m.step for m in history}) == list(range(epochs))
@@ -227,9 +224,6 @@ def test_killed_worker_is_replaced_and_training_resumes(shards, stack_env, mlflo
 
 # ---- bad input fails fast, before any worker (no Ray needed) --------------------------------
 def _train_main(argv: list[str], capsys) -> tuple[int, str]:
-    import ray
-
-    from jobs.train import main
 
     code = main(argv)
     assert not ray.is_initialized()  # nothing Ray was started
@@ -255,8 +249,6 @@ def test_missing_storage_bucket_fails_fast(shards, stack_env, mlflow_env, capsys
 
 
 def test_unreachable_mlflow_fails_fast(shards, stack_env, mlflow_env, monkeypatch, capsys):
-    from cluster.local.common import free_port
-
     dead = f"http://127.0.0.1:{free_port()}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", dead)
     code, err = _train_main(["--config", "configs/smoke.yaml", "--data", shards], capsys)
@@ -292,10 +284,6 @@ def test_help_explains_every_option():
 
 def _smoke_model_state(shards: str, *overrides: str) -> dict:
     """A state_dict of the smoke model with the shards' input dims (plus overrides)."""
-    from jobs.errors import check_data
-    from vl.config import ExperimentConfig
-    from vl.model import build_model
-
     cfg = ExperimentConfig.from_yaml("configs/smoke.yaml",
                                      [f"data.train={shards}/train", f"data.val={shards}/val"])
     shape = check_data(cfg)
@@ -324,8 +312,6 @@ def test_init_from_missing_source_fails_fast(shards, stack_env, mlflow_env, tmp_
 
 
 def test_init_from_compatible_weights_passes_preflight(shards, stack_env, mlflow_env, tmp_path):
-    from jobs.train import check_init_weights
-
     state, cfg = _smoke_model_state(shards)
     path = tmp_path / "pretrained.pt"
     torch.save({"model": state}, path)

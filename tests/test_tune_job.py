@@ -9,8 +9,11 @@ import sys
 import uuid
 
 import pytest
+from mlflow.tracking import MlflowClient
 
+from jobs.shard import run as shard
 from tests.jobs import client_env, submit
+from vl.data.synthetic import TINY_DIMS, SyntheticConfig, generate
 
 SMOKE = "configs/tvsum_search_smoke.yaml"
 EPOCHS = 8
@@ -21,10 +24,6 @@ pytestmark = pytest.mark.integration
 
 def test_search_submitted_as_a_ray_job_survives_a_crashing_trial(local_stack_env, tmp_path,
                                                                  monkeypatch):
-    from mlflow.tracking import MlflowClient
-
-    from jobs.shard import run as shard
-    from vl.data.synthetic import TINY_DIMS, SyntheticConfig, generate
 
     for key, value in local_stack_env.items():
         monkeypatch.setenv(key, value)

@@ -13,12 +13,19 @@ import sys
 import uuid
 from pathlib import Path
 
+import mlflow
+import mlflow.pyfunc
 import pytest
+from mlflow.tracking import MlflowClient
 
+from cluster.local.common import NO_TELEMETRY_ENV
+from jobs.shard import run as shard
 from tune import report, space
 from tune.report import TrialOutcome
-from tune.tvsum import build_config, parse_domains
+from tune.trial import load_domain
+from tune.tvsum import build_config, main, parse_domains
 from vl.config import ConfigError
+from vl.data.synthetic import TINY_DIMS, SyntheticConfig, generate
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "configs" / "tvsum_search_smoke.yaml"
@@ -30,14 +37,14 @@ def test_grid_is_exactly_the_paper_grid():
     cells = space.grid_cells()
     expected = {(h, s, a) for h in (1, 5, 10) for s in (1, 5, 10) for a in (0.1, 0.8)}
     assert len(cells) == 18
-    assert {(c["hl"], c["scsl"], c["al"]) for c in cells} == expected
+    assert {(c["loss.hl_coef"], c["loss.scsl_coef"], c["loss.al_coef"]) for c in cells} == expected
     ps = space.param_space("grid", seed=7)
-    assert ps["seed"] == 7
-    assert ps["hl"] == {"grid_search": [1.0, 5.0, 10.0]}
-    assert ps["al"] == {"grid_search": [0.1, 0.8]}
+    assert ps["train.seed"] == 7
+    assert ps["loss.hl_coef"] == {"grid_search": [1.0, 5.0, 10.0]}
+    assert ps["loss.al_coef"] == {"grid_search": [0.1, 0.8]}
     sampled = space.param_space("optuna", seed=7)
-    assert (sampled["hl"].lower, sampled["hl"].upper) == (1.0, 10.0)
-    assert (sampled["al"].lower, sampled["al"].upper) == (0.1, 0.8)
+    assert (sampled["loss.hl_coef"].lower, sampled["loss.hl_coef"].upper) == (1.0, 10.0)
+    assert (sampled["loss.al_coef"].lower, sampled["loss.al_coef"].upper) == (0.1, 0.8)
     with pytest.raises(ValueError, match="--search"):
         space.param_space("random", seed=0)
 
@@ -132,12 +139,6 @@ def search(s3_server, mlflow_server, tmp_path_factory):
     Returns what both phases saw. Everything lives under a fresh name, so reruns of the test
     module never resume an older search.
     """
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
-    from cluster.local.common import NO_TELEMETRY_ENV
-    from jobs.shard import run as shard
-    from vl.data.synthetic import TINY_DIMS, SyntheticConfig, generate
 
     tag = uuid.uuid4().hex[:8]
     raw = tmp_path_factory.mktemp("tune-raw")
@@ -162,7 +163,7 @@ def search(s3_server, mlflow_server, tmp_path_factory):
         args = [
             "--config", str(SMOKE), "--data", data, "--domains", ",".join(DOMAINS),
             "--features", "i3d", "--search", "optuna", "--scheduler", "asha",
-            "--num-samples", "4", "--epochs", str(EPOCHS), "--workers-per-trial", "1",
+            "--num-samples", "4", "--epochs", str(EPOCHS), "--cpus-per-trial", "1",
             "--max-concurrent", "1", "--storage", f"s3://vl-runs/test_tune_tvsum/{tag}",
             "--name", "smoke", "--experiment", experiment,
             "--registered-prefix", f"test-tvsum-{tag}",
@@ -209,8 +210,9 @@ def test_parent_and_child_runs_hold_the_trials(search):
         for child in children:
             assert child.info.status == "FINISHED", child.info.run_name
             p = child.data.params
-            assert 1.0 <= float(p["hl"]) <= 10.0 and 1.0 <= float(p["scsl"]) <= 10.0
-            assert 0.1 <= float(p["al"]) <= 0.8 and p["seed"] == "2018"
+            assert 1.0 <= float(p["loss.hl_coef"]) <= 10.0
+            assert 1.0 <= float(p["loss.scsl_coef"]) <= 10.0
+            assert 0.1 <= float(p["loss.al_coef"]) <= 0.8 and p["train.seed"] == "2018"
             curve = client.get_metric_history(child.info.run_id, "top5_map")
             assert curve and all(0.0 <= m.value <= 100.0 for m in curve)
             assert [m.step for m in curve] == sorted(m.step for m in curve)
@@ -237,8 +239,6 @@ def test_asha_stopped_a_trial_early_and_its_run_is_ended(search):
 
 @pytest.mark.integration
 def test_summary_run_has_tables_and_heatmaps(search):
-    import mlflow
-
     client = search["client"]
     summary = [r for r in search["runs"] if r.data.tags.get("vl.kind") == "tvsum-search-summary"]
     assert len(summary) == 1
@@ -266,10 +266,6 @@ def test_summary_run_has_tables_and_heatmaps(search):
 
 @pytest.mark.integration
 def test_registered_domain_models_load_and_predict(search):
-    import mlflow.pyfunc
-
-    from tune.trial import load_domain
-
     for domain in DOMAINS:
         name = f"test-tvsum-{search['tag']}-{domain}"
         version = search["client"].get_model_version_by_alias(name, "champion")
@@ -310,28 +306,30 @@ def test_resume_did_not_rerun_finished_trials(search):
 
 
 def test_unknown_features_and_missing_data_are_clear_errors(capsys):
-    from tune.tvsum import main
-
     assert main(["--config", str(SMOKE), "--domains", "VT"]) == 2
     assert "--data" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--config", str(SMOKE), "--features", "c3d"])
+    assert main(["--config", str(SMOKE), "--data", "/nowhere", "--workers-per-trial", "1"]) == 2
+    assert "is now --cpus-per-trial" in capsys.readouterr().err
 
 
 
 def test_sampled_search_starts_at_the_box_corners_then_samples_inside():
     corners = space.corner_start()
-    assert {(c["scsl"], c["al"]) for c in corners} == {(1.0, 0.1), (1.0, 0.8), (10.0, 0.1),
-                                                       (10.0, 0.8)}  # fmt: skip
-    assert {c["hl"] for c in corners} == {5.0}
+    assert {(c["loss.scsl_coef"], c["loss.al_coef"]) for c in corners} == {
+        (1.0, 0.1), (1.0, 0.8), (10.0, 0.1), (10.0, 0.8)}  # fmt: skip
+    assert {c["loss.hl_coef"] for c in corners} == {5.0}
     searcher = space.make_searcher("optuna", 2018, corners)
     ps = space.param_space("optuna", seed=2018)
     assert searcher.set_search_properties("best_top5_map", "max", ps)
     suggested = [searcher.suggest(f"t{i}") for i in range(6)]
-    first = [{k: s[k] for k in ("hl", "scsl", "al")} for s in suggested[:4]]
+    keys = list(space.COEFFICIENTS.values())
+    first = [{k: s[k] for k in keys} for s in suggested[:4]]
     assert first == corners
     for s in suggested[4:]:  # then TPE draws inside the box
-        assert 1.0 <= s["hl"] <= 10.0 and 1.0 <= s["scsl"] <= 10.0 and 0.1 <= s["al"] <= 0.8
+        c = space.short_names(s)
+        assert 1.0 <= c["hl"] <= 10.0 and 1.0 <= c["scsl"] <= 10.0 and 0.1 <= c["al"] <= 0.8
     random_start = space.make_searcher("optuna", 2018)
     assert random_start.set_search_properties("best_top5_map", "max", ps)
-    assert {k: random_start.suggest("r0")[k] for k in ("hl", "scsl", "al")} not in corners
+    assert {k: random_start.suggest("r0")[k] for k in keys} not in corners

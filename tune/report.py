@@ -2,7 +2,7 @@
 (top-5 mAP per domain + average) layouts as Markdown and CSV, and per-domain heatmaps of top-5
 mAP over hl x scsl.
 
-Pure functions of `TrialOutcome`s, so they are unit-tested without Ray or MLflow.
+Pure functions of `TrialOutcome`s, so they are unit-tested without a Ray cluster or MLflow.
 """
 
 from __future__ import annotations
@@ -13,7 +13,10 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from tune.space import PAPER_GRID
+from vl.figures import figure
 
 # Column order of the paper's TVSum tables (Tables 2 and 7).
 PAPER_DOMAIN_ORDER = ("VT", "VU", "GA", "MS", "PK", "PR", "FM", "BK", "BT", "DS")
@@ -32,12 +35,6 @@ class TrialOutcome:
     epochs_run: int
     status: str  # "finished", "stopped" (by the scheduler) or "failed"
     run_id: str = ""
-
-
-@dataclass
-class DomainBest:
-    domain: str
-    trial: TrialOutcome
 
 
 def order_domains(domains: Sequence[str]) -> list[str]:
@@ -129,14 +126,8 @@ def heatmap_cells(
 
 def heatmap(domain: str, outcomes: Sequence[TrialOutcome]):
     """A matplotlib Figure (not registered with pyplot): top-5 mAP over hl (rows) x scsl."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import numpy as np
-    from matplotlib.figure import Figure
-
     hls, scsls, values, counts = heatmap_cells(outcomes)
-    fig = Figure(figsize=(4.6, 3.8), layout="constrained")
+    fig = figure(4.6, 3.8)
     ax = fig.subplots()
     grid = np.ma.masked_invalid(np.array(values, dtype=float))
     image = ax.imshow(grid, cmap="viridis", origin="lower", aspect="auto")

@@ -10,6 +10,8 @@ and sweeps again after `fit()`, which also covers a driver that was itself inter
 from __future__ import annotations
 
 import math
+import os
+import signal
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,9 +20,11 @@ from typing import Any
 from mlflow.tracking import MlflowClient
 from ray import tune
 
+from tune import space
 from tune.report import TrialOutcome
-from tune.trial import BEST_FILE, DOMAIN_TAG, STOPPED_EARLY_TAG, TRIAL_TAG
-from vl import tracking
+from tune.trial import DOMAIN_TAG, STOPPED_EARLY_TAG
+from vl import serving, tracking
+from vl.checkpoint import MODEL_FILE
 
 KIND_TAG = "vl.kind"
 REGISTERED_VERSION_TAG = "vl.registered_version"
@@ -83,9 +87,6 @@ class InterruptAfter(tune.Callback):
         return {"count": 0, "seen": 0}
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        import os
-        import signal
-
         self.seen += 1
         if self.seen == self.count:
             os.kill(os.getpid(), signal.SIGINT)
@@ -96,7 +97,7 @@ def outcomes_of(domain: str, grid: tune.ResultGrid, epochs: int) -> list[TrialOu
     out = []
     for result in grid:
         m = result.metrics or {}
-        cfg = result.config or {}
+        coefs = space.short_names(result.config or {})
         run_epochs = int(m.get("epoch", 0))
         if result.error is not None:
             status = "failed"
@@ -106,8 +107,7 @@ def outcomes_of(domain: str, grid: tune.ResultGrid, epochs: int) -> list[TrialOu
             status = "finished"
         out.append(TrialOutcome(
             domain=domain, trial_id=str(m.get("trial_id", Path(result.path).name)),
-            hl=float(cfg.get("hl", math.nan)), scsl=float(cfg.get("scsl", math.nan)),
-            al=float(cfg.get("al", math.nan)),
+            hl=coefs["hl"], scsl=coefs["scsl"], al=coefs["al"],
             best_top5_map=float(m.get("best_top5_map", math.nan)),
             epochs_run=run_epochs, status=status, run_id=str(m.get("mlflow_run_id", "")),
         ))  # fmt: skip
@@ -161,8 +161,8 @@ def finish_domain(parent_run_id: str, grid: tune.ResultGrid, best: TrialOutcome,
         checkpoint = best_checkpoint(grid, best.trial_id)
         if checkpoint is not None and best.run_id:
             with checkpoint.as_directory() as folder:
-                version, _ = tracking.log_and_register_model(
-                    best.run_id, Path(folder) / BEST_FILE, registered_name, "top5_map",
+                version, _ = serving.log_and_register_model(
+                    best.run_id, Path(folder) / MODEL_FILE, registered_name, "top5_map",
                     best.best_top5_map,
                 )  # fmt: skip
             client.set_tag(parent_run_id, REGISTERED_VERSION_TAG, str(version))
@@ -188,9 +188,3 @@ def log_summary(experiment: str, search_name: str, artifacts: dict[str, str],
     tracking.log_epoch(run_id, 0, metrics)
     client.set_terminated(run_id, status="FINISHED")
     return run_id
-
-
-def trial_tags_ok(run: Any, domain: str) -> bool:
-    """A child run carries its domain and trial id (used by tests and the docs' queries)."""
-    tags = run.data.tags
-    return tags.get(DOMAIN_TAG) == domain and bool(tags.get(TRIAL_TAG))

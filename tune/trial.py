@@ -8,31 +8,43 @@ losses the paper's coefficients were tuned with. The domain's samples are decode
 ONCE on the driver and shipped to every trial through the object store; each epoch reuses them
 (TVSum targets are deterministic: one hard positive and one hard negative per video).
 
-A checkpoint is a directory with `best.pt` (the registrable model: keys `model` and `config`, the
-format `vl.tracking.log_and_register_model` expects) and `state.pt` (the latest model, optimiser
-and scheduler, for a retry or a resumed search to continue where it stopped).
+A checkpoint is `vl.checkpoint`'s directory layout: `model.pt` holds the best weights so far
+(what the domain's registered model serves) and `state.pt` the latest model, optimiser,
+scheduler and RNG state, for a retry or a resumed search to continue where it stopped.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 import os
-import random
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+import mlflow
 import torch
+from mlflow.tracking import MlflowClient
+from ray import tune
 
-from vl.config import ExperimentConfig
+from vl import tracking
+from vl.checkpoint import (
+    MODEL_FILE,
+    cpu_weights,
+    load_weights,
+    read_weights,
+    restore_training_state,
+    seed_everything,
+    write_model_file,
+    write_training_state,
+)
+from vl.config import ExperimentConfig, apply_values
 from vl.data.batch import Batch
 from vl.data.dataset import make_loader, read_annotations
+from vl.engine import build_optimizer, evaluate, train_step
+from vl.losses import build_criterion
+from vl.model import build_model
 
-BEST_FILE = "best.pt"
-STATE_FILE = "state.pt"
 DOMAIN_TAG = "vl.domain"
 TRIAL_TAG = "vl.trial_id"
 STOPPED_EARLY_TAG = "vl.stopped_early"
@@ -51,7 +63,7 @@ class DomainData:
     train: list[Batch]
     val: Batch
     ground_truth: list[dict[str, Any]]
-    video_dim: int  # model input video dim WITHOUT the 2 TEF dims (what model.video_dim means)
+    video_dim: int  # model.video_dim (ShardManifest.input_widths: without the TEF dims)
     text_dim: int
 
     @property
@@ -90,9 +102,10 @@ def load_domain(
     wanted = {q for b in val for q in b.qids}
     gt = [row for row in read_annotations(val_uri, cache_dir) if row["qid"] in wanted]
     ds = train_loader.dataset
+    video_dim, text_dim = ds.manifest.input_widths(ds.video_sets, ds.text_sets)
     return DomainData(
         domain=domain, train=train, val=val[0], ground_truth=gt,
-        video_dim=ds.video_dim - 2, text_dim=ds.text_dim,
+        video_dim=video_dim, text_dim=text_dim,
     )  # fmt: skip
 
 
@@ -110,16 +123,16 @@ class TrackingTarget:
 class FaultPlan:
     """Crash a trial on purpose at `epoch` (before training it): `once` only on the first
     attempt (a retry then continues from the checkpoint), otherwise on every attempt. Only trials
-    whose hl equals `hl` (when given) are affected."""
+    whose `loss.hl_coef` equals `hl` (when given) are affected."""
 
     epoch: int = -1
     once: bool = True
     hl: float | None = None
 
-    def should_fail(self, epoch: int, coefs: dict[str, Any], restored: bool) -> bool:
+    def should_fail(self, epoch: int, cfg: ExperimentConfig, restored: bool) -> bool:
         if self.epoch < 0 or epoch != self.epoch:
             return False
-        if self.hl is not None and not math.isclose(float(coefs["hl"]), self.hl):
+        if self.hl is not None and not math.isclose(cfg.loss.hl_coef, self.hl):
             return False
         return not (self.once and restored)
 
@@ -138,26 +151,15 @@ class TrialSetup:
     fault: FaultPlan = field(default_factory=FaultPlan)
 
 
-def trial_config(setup: TrialSetup, coefs: dict[str, Any]) -> ExperimentConfig:
-    """The experiment config of one trial: the base config with this trial's coefficients."""
-    raw = copy.deepcopy(setup.config)
-    raw["loss"].update(
-        hl_coef=float(coefs["hl"]), scsl_coef=float(coefs["scsl"]), al_coef=float(coefs["al"])
-    )
-    raw["train"]["seed"] = int(coefs.get("seed", raw["train"]["seed"]))
+def trial_config(setup: TrialSetup, values: dict[str, Any]) -> ExperimentConfig:
+    """The experiment config of one trial: the base config with the trial's values set at their
+    dotted paths (`loss.hl_coef`, `train.seed`: `tune.space`), as `--set` would."""
+    raw = apply_values(setup.config, values)
     return ExperimentConfig.from_dict(raw, source=f"trial of domain {setup.data.domain}")
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def top5_map(model: torch.nn.Module, data: DomainData, device: str) -> float:
     """Top-5 mAP (x100) on the domain's validation video(s), through the official scorer."""
-    from vl.engine import evaluate
-
     result, _ = evaluate(model, None, [data.val], dataset="tvsum",
                          ground_truth=data.ground_truth, device=device)  # fmt: skip
     return 100.0 * float(result["selection"])
@@ -170,11 +172,6 @@ class _ChildRun:
         self.run_id = ""
         if target is None:
             return
-        import mlflow
-        from mlflow.tracking import MlflowClient
-
-        from vl import tracking
-
         mlflow.set_tracking_uri(target.tracking_uri)
         self.run_id = tracking.start_or_resume_run(
             target.experiment, f"{target.run_prefix}/{trial_id}"
@@ -187,72 +184,79 @@ class _ChildRun:
 
     def log(self, epoch: int, metrics: dict[str, float]) -> None:
         if self.run_id:
-            from vl import tracking
-
             tracking.log_epoch(self.run_id, epoch, metrics)
 
     def finish(self) -> None:
         if self.run_id:
-            from mlflow.tracking import MlflowClient
-
             MlflowClient().set_tag(self.run_id, STOPPED_EARLY_TAG, "false")
             MlflowClient().set_terminated(self.run_id, status="FINISHED")
 
 
-def _save_checkpoint(folder: Path, best: dict[str, Any], state: dict[str, Any]) -> None:
-    torch.save(best, folder / BEST_FILE)
-    torch.save(state, folder / STATE_FILE)
+@dataclass
+class _Progress:
+    """A trial's position: epochs done, the best top-5 mAP so far, its epoch and weights."""
+
+    done: int = 0
+    best: float = -math.inf
+    best_epoch: int = 0
+    best_state: dict[str, torch.Tensor] | None = None
+    last_checkpoint: int = 0
+
+
+def _restore(model, optimizer, scheduler) -> tuple[_Progress, bool]:
+    """Continue from Tune's checkpoint of this trial (a retry after a crash, or a resumed
+    search) when there is one; returns the progress and whether it was restored."""
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None:
+        return _Progress(), False
+    with checkpoint.as_directory() as folder:
+        state = restore_training_state(folder, model, optimizer, scheduler)
+        best_state = read_weights(Path(folder) / MODEL_FILE)
+    done = state["epoch"] + 1
+    return _Progress(done, state["best"], state["best_epoch"], best_state, done), True
+
+
+def _report(cfg: ExperimentConfig, setup: TrialSetup, p: _Progress, model, optimizer, scheduler,
+            metrics: dict[str, Any], improved: bool) -> None:  # fmt: skip
+    """Report an evaluation to Tune, with a checkpoint on improvement, every
+    `checkpoint_every` epochs and at the end."""
+    periodic = setup.checkpoint_every > 0 and p.done - p.last_checkpoint >= setup.checkpoint_every
+    if not (improved or periodic or p.done == cfg.train.epochs):
+        tune.report(metrics)
+        return
+    p.last_checkpoint = p.done
+    with tempfile.TemporaryDirectory(prefix="vl-tune-") as tmp:
+        write_model_file(tmp, p.best_state, cfg.to_dict(), p.best_epoch, top5_map=p.best,
+                         domain=setup.data.domain)  # fmt: skip
+        write_training_state(tmp, model, optimizer, scheduler, p.done - 1, best=p.best,
+                             best_epoch=p.best_epoch)  # fmt: skip
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
 
 
 def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     """Tune function trainable: train, evaluate every `eval_every` epochs, report, checkpoint.
 
-    Reports `epoch`, `top5_map` (this evaluation), `best_top5_map` (the best so far: the value
-    the paper selects on, and what ASHA compares) and `mlflow_run_id` for the driver's callback.
+    `config` is keyed by dotted config paths (`tune.space`). Reports `epoch`, `top5_map` (this
+    evaluation), `best_top5_map` (the best so far: the value the paper selects on, and what ASHA
+    compares) and `mlflow_run_id` for the driver's callback.
     """
-    from ray import tune
-
-    from vl.engine import build_optimizer, train_step
-    from vl.losses import build_criterion
-    from vl.model import build_model
-
     torch.set_num_threads(max(1, setup.threads))
     cfg = trial_config(setup, config)
-    domain = setup.data.domain
+    domain, device = setup.data.domain, setup.device
     trial_id = tune.get_context().get_trial_id() or "local"
-    coefs = {k: float(config[k]) for k in ("hl", "scsl", "al")}
-    child = _ChildRun(setup.tracking, trial_id, {**coefs, "seed": cfg.train.seed,
-                                                 "domain": domain,
+    child = _ChildRun(setup.tracking, trial_id, {**config, "domain": domain,
                                                  "epochs": cfg.train.epochs})  # fmt: skip
     seed_everything(cfg.train.seed)
-    device = setup.device
     model = build_model(cfg.model)
     if setup.init_state is not None:
-        model.load_state_dict(setup.init_state)
+        load_weights(model, setup.init_state)
     model.to(device)
     criterion = build_criterion(cfg.loss).to(device)
     optimizer, scheduler = build_optimizer(model, cfg.train)
-    epochs, eval_every = cfg.train.epochs, cfg.train.eval_every
     train_batches = [b.to(device) for b in setup.data.train]
-    data = setup.data
-
-    start, best, best_epoch = 0, -math.inf, 0
-    best_state: dict[str, torch.Tensor] | None = None
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:  # a retry after a crash, or a resumed search
-        with checkpoint.as_directory() as folder:
-            state = torch.load(Path(folder) / STATE_FILE, map_location=device, weights_only=False)
-            best_state = torch.load(Path(folder) / BEST_FILE, map_location="cpu",
-                                    weights_only=True)["model"]  # fmt: skip
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
-        start, best, best_epoch = state["epoch"], state["best"], state["best_epoch"]
-
-    last_checkpoint = start
-    for epoch in range(start, epochs):
-        if setup.fault.should_fail(epoch, coefs, restored=checkpoint is not None):
+    p, restored = _restore(model, optimizer, scheduler)
+    for epoch in range(p.done, cfg.train.epochs):
+        if setup.fault.should_fail(epoch, cfg, restored):
             raise InjectedFaultError(f"injected fault in domain {domain} at epoch {epoch}")
         losses = [
             train_step(model, criterion, batch, optimizer, epoch,
@@ -260,34 +264,19 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
             for batch in train_batches
         ]  # fmt: skip
         scheduler.step()
-        done = epoch + 1
-        if done % eval_every and done != epochs:
+        p.done = epoch + 1
+        if p.done % cfg.train.eval_every and p.done != cfg.train.epochs:
             continue
-        score = top5_map(model, data, device)
-        improved = score > best
+        score = top5_map(model, setup.data, device)
+        improved = score > p.best
         if improved:
-            best, best_epoch = score, done
-            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            p.best, p.best_epoch, p.best_state = score, p.done, cpu_weights(model)
         train_loss = float(torch.stack(losses).mean())
-        metrics = {"epoch": done, "top5_map": score, "best_top5_map": best,
-                   "best_epoch": best_epoch, "train_loss": train_loss,
+        child.log(p.done, {"top5_map": score, "best_top5_map": p.best, "train_loss": train_loss})
+        metrics = {"epoch": p.done, "top5_map": score, "best_top5_map": p.best,
+                   "best_epoch": p.best_epoch, "train_loss": train_loss,
                    "mlflow_run_id": child.run_id}  # fmt: skip
-        child.log(done, {"top5_map": score, "best_top5_map": best, "train_loss": train_loss})
-        periodic = setup.checkpoint_every > 0 and done - last_checkpoint >= setup.checkpoint_every
-        if improved or periodic or done == epochs:
-            last_checkpoint = done
-            with tempfile.TemporaryDirectory(prefix="vl-tune-") as tmp:
-                _save_checkpoint(
-                    Path(tmp),
-                    {"model": best_state, "config": cfg.to_dict(), "epoch": best_epoch,
-                     "top5_map": best, "domain": domain},
-                    {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
-                     "epoch": done, "best": best, "best_epoch": best_epoch},
-                )  # fmt: skip
-                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
-        else:
-            tune.report(metrics)
+        _report(cfg, setup, p, model, optimizer, scheduler, metrics, improved)
     child.finish()
 
 

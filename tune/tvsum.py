@@ -1,7 +1,7 @@
 """Per-domain TVSum loss-coefficient search with Ray Tune, tracked in MLflow.
 
     python -m tune.tvsum --data s3://vl-data/shards/tvsum --domains all --features i3d \
-        --search optuna --scheduler asha --num-samples 8 --epochs 2000 --workers-per-trial 1
+        --search optuna --scheduler asha --num-samples 8 --epochs 2000 --cpus-per-trial 1
 
 The paper's TVSum number (Table 10) is the per-domain maximum over a hand grid of loss
 coefficients, each cell a full 2000-epoch run. This command runs that grid (`--search grid`) or
@@ -29,7 +29,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vl.config import TVSUM_DOMAINS, ConfigError, ExperimentConfig
+import mlflow
+import ray
+from ray import tune
+
+from tune import report, runs, space
+from tune.report import best_per_domain, order_domains
+from tune.runs import ChildRunCloser, InterruptAfter
+from tune.trial import (
+    DomainData,
+    FaultPlan,
+    TrackingTarget,
+    TrialSetup,
+    load_domain,
+    run_trial,
+    thread_budget,
+)
+from vl.checkpoint import read_model
+from vl.config import TVSUM_DOMAINS, ConfigError, ExperimentConfig, feature_set_widths
+from vl.tracking import check_tracking_server
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tvsum_search.yaml"
 DEFAULT_EXPERIMENT = "videolights-tvsum-search"
@@ -99,8 +117,6 @@ class SearchResult:
 # ---- argument handling --------------------------------------------------------------------
 def parse_domains(text: str) -> list[str]:
     """`all` or a comma list of TVSum domain codes -> the domains, in the paper's order."""
-    from tune.report import order_domains
-
     if text.strip().lower() == "all":
         return order_domains(TVSUM_DOMAINS)
     domains = [d.strip().upper() for d in text.split(",") if d.strip()]
@@ -120,13 +136,12 @@ def build_config(path: str | Path, features: str, overrides: list[str],
     if features not in FEATURE_SETS:
         raise ConfigError(f"--features must be one of {sorted(FEATURE_SETS)}, got {features!r}")
     video, text = FEATURE_SETS[features]
-    from vl.config import FEATURE_DIMS, TEXT_FEATURE_DIMS
-
+    video_dim, text_dim = feature_set_widths(video, text)  # until the shards say otherwise
     pre = [
         f"data.video_features=[{','.join(video)}]",
         f"data.text_features=[{','.join(text)}]",
-        f"model.video_dim={sum(FEATURE_DIMS[n] for n in video)}",
-        f"model.text_dim={sum(TEXT_FEATURE_DIMS[n] for n in text)}",
+        f"model.video_dim={video_dim}",
+        f"model.text_dim={text_dim}",
         "data.dataset=tvsum",
     ]
     if epochs is not None:
@@ -150,12 +165,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, default=None,
                    help="trials per domain (optuna; default 8) or grid repeats (default 1)")
     p.add_argument("--epochs", type=int, default=None, help="epochs per trial (train.epochs)")
-    p.add_argument("--workers-per-trial", type=float, default=1.0,
-                   help="CPU cores per trial (torch threads); a domain's 4-video batch is "
+    p.add_argument("--cpus-per-trial", type=float, default=1.0,
+                   help="CPU cores per trial (its torch threads); a domain's 4-video batch is "
                    "trained in one process")
+    p.add_argument("--workers-per-trial", dest="old_workers_per_trial", help=argparse.SUPPRESS)
     p.add_argument("--gpus-per-trial", type=float, default=0.0)
     p.add_argument("--max-concurrent", type=int, default=0,
-                   help="concurrent trials (default: cluster CPUs / workers-per-trial)")
+                   help="concurrent trials (default: cluster CPUs / cpus-per-trial)")
     p.add_argument("--config", default=str(DEFAULT_CONFIG))
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    metavar="KEY=VALUE", help="config override, e.g. train.eval_every=10")
@@ -179,6 +195,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def spec_from_args(args: argparse.Namespace) -> SearchSpec:
+    if args.old_workers_per_trial is not None:
+        raise ConfigError("--workers-per-trial is now --cpus-per-trial (CPU cores per trial)")
     cfg = build_config(args.config, args.features, args.overrides, args.epochs)
     if args.data:
         train_uri, val_uri = f"{args.data.rstrip('/')}/train", f"{args.data.rstrip('/')}/val"
@@ -190,7 +208,7 @@ def spec_from_args(args: argparse.Namespace) -> SearchSpec:
     return SearchSpec(
         config=cfg, train_uri=train_uri, val_uri=val_uri, domains=parse_domains(args.domains),
         features=args.features, search=args.search, scheduler=args.scheduler,
-        num_samples=num_samples, cpus_per_trial=args.workers_per_trial,
+        num_samples=num_samples, cpus_per_trial=args.cpus_per_trial,
         gpus_per_trial=args.gpus_per_trial, max_concurrent=args.max_concurrent,
         storage=args.storage.rstrip("/"), name=args.name, experiment=args.experiment or None,
         registered_prefix=args.registered_prefix, init_from=args.init_from,
@@ -202,23 +220,15 @@ def spec_from_args(args: argparse.Namespace) -> SearchSpec:
 
 # ---- the search -----------------------------------------------------------------------------
 def load_init_state(uri: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(state_dict, config dict) of a registered VideoLights model (`models:/NAME@alias`)."""
-    import mlflow
-    import torch
-
-    from vl.tracking import CHECKPOINT_ARTIFACT
-
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
-    candidates = sorted((local / "artifacts").glob(f"{CHECKPOINT_ARTIFACT}*")) or sorted(
-        local.rglob("*.pt")
-    )
-    if not candidates:
-        raise FileNotFoundError(f"--init-from {uri}: no checkpoint file in {local}")
-    checkpoint = torch.load(candidates[0], map_location="cpu", weights_only=True)
-    return checkpoint["model"], checkpoint["config"]
+    """(state_dict, config dict) of the --init-from model (`models:/NAME@alias` or a file)."""
+    try:
+        return read_model(uri)
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(f"--init-from {uri}: {err}") from None
 
 
-def domain_config(spec: SearchSpec, data: Any, init_config: dict[str, Any] | None):
+def domain_config(spec: SearchSpec, data: DomainData,
+                  init_config: dict[str, Any] | None) -> dict[str, Any]:  # fmt: skip
     """The domain's base config dict: dims from the shards, the architecture of --init-from."""
     raw = spec.config.to_dict()
     raw["data"].update(train=spec.train_uri, val=spec.val_uri, tvsum_domain=data.domain)
@@ -240,8 +250,6 @@ def domain_config(spec: SearchSpec, data: Any, init_config: dict[str, Any] | Non
 
 
 def _concurrency(spec: SearchSpec) -> int:
-    import ray
-
     if spec.max_concurrent > 0:
         return spec.max_concurrent
     resources = ray.cluster_resources()
@@ -252,11 +260,6 @@ def _concurrency(spec: SearchSpec) -> int:
 
 
 def _make_tuner(spec: SearchSpec, domain: str, trainable: Any, parent_run_id: str):
-    from ray import tune
-
-    from tune import space
-    from tune.runs import ChildRunCloser, InterruptAfter
-
     path = f"{spec.storage}/{spec.name}/{domain}"
     if tune.Tuner.can_restore(path):
         spec.log(f"[{domain}] resuming the search stored at {path}")
@@ -293,13 +296,6 @@ def _make_tuner(spec: SearchSpec, domain: str, trainable: Any, parent_run_id: st
 def search_domain(spec: SearchSpec, domain: str, init: tuple | None) -> tuple[DomainResult, bool]:
     """Run (or resume) one domain's experiment; returns its result and whether it was
     interrupted (then nothing is registered and the caller stops)."""
-    import mlflow
-    from ray import tune
-
-    from tune import runs, space
-    from tune.report import best_per_domain
-    from tune.trial import TrackingTarget, TrialSetup, load_domain, run_trial, thread_budget
-
     cfg = spec.config
     data = load_domain(
         spec.train_uri, spec.val_uri, domain, video_features=cfg.data.video_features,
@@ -354,11 +350,9 @@ def search_domain(spec: SearchSpec, domain: str, init: tuple | None) -> tuple[Do
     return result, False
 
 
-def _fault_from_env():
+def _fault_from_env() -> FaultPlan:
     """Test hook: VL_TUNE_FAULT='once:EPOCH[:HL]' or 'always:EPOCH[:HL]' crashes matching
     trials on purpose (see tune.trial.FaultPlan). Unset in normal use."""
-    from tune.trial import FaultPlan
-
     text = os.environ.get("VL_TUNE_FAULT", "")
     if not text:
         return FaultPlan()
@@ -369,7 +363,6 @@ def _fault_from_env():
 
 def summarize(spec: SearchSpec, result: SearchResult) -> None:
     """Tables (Markdown + CSV, printed too), heatmaps, and the summary MLflow run."""
-    from tune import report
 
     best = {d: r.best for d, r in result.domains.items() if r.best is not None}
     t7_md, t7_csv = report.table7(best, spec.features)
@@ -381,7 +374,6 @@ def summarize(spec: SearchSpec, result: SearchResult) -> None:
     spec.log("Top-5 mAP per domain (paper Table 2 layout):\n" + t2_md)
     if not spec.experiment:
         return
-    from tune import runs
 
     figures = {
         f"heatmap_{d}": report.heatmap(d, result.domains[d].outcomes)
@@ -403,8 +395,6 @@ def run_search(spec: SearchSpec) -> SearchResult:
     Ray must be initialised by the caller."""
     init = None
     if spec.experiment:
-        from vl.tracking import check_tracking_server
-
         check_tracking_server()
     if spec.init_from:
         init = load_init_state(spec.init_from)
@@ -441,8 +431,6 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    import ray
-
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     started = False
     if not ray.is_initialized():

@@ -1,34 +1,116 @@
-"""Weights-only initialisation from a checkpoint: the pretrain -> fine-tune step (spec section 4:
-"Fine-tune = the normal script with --resume ckpt (weights only; fresh optimiser, epoch 0)").
+"""The checkpoint format, written and read in one place: the training state a run resumes from,
+the model file a registry serves, and weights-only initialisation (the pretrain -> fine-tune
+step of spec section 4: "Fine-tune = the normal script with --resume ckpt (weights only; fresh
+optimiser, epoch 0)").
 
-A source is one of
-- a checkpoint file, local or s3:// (a dict with key `model`, as jobs.train's model.pt/state.pt,
-  or a bare state_dict);
-- a checkpoint directory, local or s3:// (jobs.train's Ray checkpoint folder: model.pt inside);
+A checkpoint directory (jobs.train's Ray checkpoint, a tune trial's checkpoint) holds
+- `model.pt` (MODEL_FILE): {"model": weights, "config": ExperimentConfig dict, "epoch", ...}, what
+  `vl.serving` registers and serves;
+- `state.pt` (STATE_FILE): {"model", "optimizer", "scheduler", "epoch" (the last finished epoch,
+  0-based), "rng" (torch, python, numpy), plus the owner's progress keys}, what a resumed run
+  continues from.
+
+A weights source (`read_weights`, `load_weights`) is one of
+- a checkpoint file, local or s3:// (a dict with key `model`, or a bare state_dict);
+- a checkpoint directory, local or s3:// (model.pt or else state.pt inside);
 - `models:/NAME@alias` or `models:/NAME/VERSION` (the registered MLflow model: its pyfunc
   directory carries the checkpoint file as the artifact named `checkpoint`);
 - an in-memory dict (either form above).
 
-Only weights are read: the optimizer, scheduler, epoch and RNG state of the source are ignored on
-purpose, so a fine-tune starts at epoch 0 with a fresh schedule. Shapes must agree exactly; a
-checkpoint from a model with other feature sets or sizes fails with every offending tensor named,
-rather than loading half the network.
+Only weights are read there: the optimizer, scheduler, epoch and RNG state of the source are
+ignored on purpose, so a fine-tune starts at epoch 0 with a fresh schedule. Shapes must agree
+exactly; a checkpoint from a model with other feature sets or sizes fails with every offending
+tensor named, rather than loading half the network.
 """
 
 from __future__ import annotations
 
 import os
+import random
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import mlflow.artifacts
+import numpy as np
 import torch
+import yaml
+from mlflow.exceptions import MlflowException
 from torch import nn
 
-MODEL_FILE = "model.pt"  # weights + config (jobs.train writes it next to state.pt)
-STATE_FILE = "state.pt"  # full training state (weights + optimizer + ...)
-CHECKPOINT_ARTIFACT = "checkpoint"  # the pyfunc artifact name (vl.tracking.CHECKPOINT_ARTIFACT)
+from vl.storage import filesystem, is_remote, join_uri
+
+MODEL_FILE = "model.pt"  # weights + config: what the registered pyfunc model loads
+STATE_FILE = "state.pt"  # full training state: weights, optimizer, scheduler, epoch, RNG, progress
+CHECKPOINT_ARTIFACT = "checkpoint"  # the pyfunc artifact that holds MODEL_FILE
+
+
+# ---- the write side and the resume side ------------------------------------------------------
+def seed_everything(seed: int) -> None:
+    """Seed every generator a run draws from (torch, python, numpy)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    """The state of every generator `seed_everything` seeds, as plain (picklable) values."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": [name, keys.tolist(), pos, has_gauss, cached]}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(tuple(state["python"][:1]) + (tuple(state["python"][1]),)
+                    + tuple(state["python"][2:]))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+def cpu_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Detached CPU copies of a (possibly DDP-wrapped) model's tensors."""
+    target = getattr(model, "module", model)
+    return {k: v.detach().cpu().clone() for k, v in target.state_dict().items()}
+
+
+def write_model_file(directory: str | Path, weights: Mapping[str, torch.Tensor],
+                     config: dict[str, Any], epoch: int, **extra: Any) -> Path:  # fmt: skip
+    """MODEL_FILE in `directory`: the weights a registry serves, with their config."""
+    path = Path(directory) / MODEL_FILE
+    torch.save({"model": weights, "config": config, "epoch": epoch, **extra}, path)
+    return path
+
+
+def write_training_state(
+    directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler, epoch: int, **progress: Any,
+) -> None:  # fmt: skip
+    """STATE_FILE in `directory`: everything a resumed run needs to continue after `epoch`
+    (0-based, finished); `progress` carries the owner's own keys (history, best, ...)."""
+    target = getattr(model, "module", model)
+    torch.save({"model": {k: v.detach().cpu() for k, v in target.state_dict().items()},
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "epoch": epoch, "rng": rng_state(), **progress},
+               Path(directory) / STATE_FILE)  # fmt: skip
+
+
+def restore_training_state(
+    directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+) -> dict[str, Any]:  # fmt: skip
+    """Load STATE_FILE into the model, optimizer, scheduler and generators; returns the whole
+    state dict (its `epoch` and the owner's progress keys)."""
+    state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    return state
+
+
+# ---- weights-only reading --------------------------------------------------------------------
 
 
 class CheckpointMismatchError(ValueError):
@@ -90,8 +172,6 @@ def _torch_load(path: str | Path, source: str) -> Any:
 
 def _load_uri(uri: str) -> Any:
     """torch.load of a local or remote file, or of model.pt / state.pt inside a directory."""
-    from vl.data.shards import filesystem, is_remote, join_uri
-
     fs, path = filesystem(uri)
     if not fs.exists(path):
         raise FileNotFoundError(f"checkpoint {uri} does not exist")
@@ -115,10 +195,6 @@ def registered_checkpoint(model_uri: str, dst: str | Path) -> Path:
     The pyfunc model directory records its artifacts in MLmodel (flavors.python_function
     .artifacts.checkpoint.path); that file is the training checkpoint.
     """
-    import mlflow.artifacts
-    import yaml
-    from mlflow.exceptions import MlflowException
-
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri,
                                                          dst_path=str(dst)))
@@ -140,16 +216,28 @@ def registered_checkpoint(model_uri: str, dst: str | Path) -> Path:
     return path
 
 
+def read_checkpoint(source: str | Path) -> Any:
+    """The loaded checkpoint object a file, directory or registered-model URI refers to."""
+    uri = str(source)
+    if uri.startswith(("models:/", "runs:/")):
+        with tempfile.TemporaryDirectory(prefix="vl-registered-") as tmp:
+            return _torch_load(registered_checkpoint(uri, tmp), uri)
+    return _load_uri(uri)
+
+
 def read_weights(source: str | Path | Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """The state_dict a source refers to (see the module docstring for the accepted forms)."""
     if isinstance(source, Mapping):
         return _state_dict_of(source, "<dict>")
-    uri = str(source)
-    if uri.startswith(("models:/", "runs:/")):
-        with tempfile.TemporaryDirectory(prefix="vl-registered-") as tmp:
-            path = registered_checkpoint(uri, tmp)
-            return _state_dict_of(_torch_load(path, uri), uri)
-    return _state_dict_of(_load_uri(uri), uri)
+    return _state_dict_of(read_checkpoint(source), str(source))
+
+
+def read_model(source: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(weights, config dict) of a model file or registered model (MODEL_FILE's layout)."""
+    checkpoint = read_checkpoint(source)
+    if not isinstance(checkpoint, Mapping) or not isinstance(checkpoint.get("config"), Mapping):
+        raise ValueError(f"{source}: the checkpoint carries no model config (key 'config')")
+    return _state_dict_of(checkpoint, str(source)), dict(checkpoint["config"])
 
 
 def check_compatible(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -124,7 +125,7 @@ class DataConfig:
     max_windows: int = 5
     batch_size: int = 32
     eval_batch_size: int = 100
-    num_workers: int = 0
+    loader_workers: int = 0  # DataLoader worker processes per training process
     shuffle_buffer: int = 1024
     tvsum_domain: str = ""
     # Which column of the paper's Table 7 gives the per-domain TVSum coefficients (hl, scsl and,
@@ -135,7 +136,7 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    """Optimisation, evaluation cadence and the Ray Train settings."""
+    """Optimisation and evaluation cadence (what any training loop needs, Ray or not)."""
 
     epochs: int = 200
     lr: float = 1e-4
@@ -147,13 +148,27 @@ class TrainConfig:
     bf16: bool = False
     eval_every: int = 5
     selection_metric: str = ""  # empty: the dataset's default (EVAL_SPEC section 5)
-    num_workers: int = 2  # Ray Train workers
+
+
+@dataclass
+class ScaleConfig:
+    """How a run is spread over a Ray cluster. Only `jobs/` reads this section: the core
+    (`vl/`) trains the same way on one process or many."""
+
+    num_workers: int = 2  # Ray Train workers (DDP ranks)
     use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-    keep_checkpoints: int = 2
-    max_failures: int = 2
+    cpus_per_worker: float = 1.0  # also each worker's torch threads
+    keep_checkpoints: int = 2  # best checkpoints Ray keeps (by the selection metric)
+    max_failures: int = 2  # worker-group restarts before the run fails
     fail_at_step: int = -1  # fault injection for tests: rank 1 exits once at this global step
-    log_every: int = 0  # steps between progress lines inside an epoch; 0 = per epoch only
+
+
+# Keys that moved: an old config that still uses one fails with a message naming the new key.
+RENAMED_KEYS: dict[str, str] = {
+    "data.num_workers": "data.loader_workers",
+    **{f"train.{k}": f"scale.{k}" for k in ("num_workers", "use_gpu", "cpus_per_worker",
+                                            "keep_checkpoints", "max_failures", "fail_at_step")},
+}
 
 
 @dataclass
@@ -166,6 +181,7 @@ class ExperimentConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    scale: ScaleConfig = field(default_factory=ScaleConfig)
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
@@ -264,8 +280,10 @@ class ExperimentConfig:
             raise bad("train.lr", f"must be > 0, got {t.lr}")
         if t.eval_every < 1:
             raise bad("train.eval_every", f"must be >= 1, got {t.eval_every}")
-        if t.num_workers < 1:
-            raise bad("train.num_workers", f"must be >= 1, got {t.num_workers}")
+        if self.scale.num_workers < 1:
+            raise bad("scale.num_workers", f"must be >= 1, got {self.scale.num_workers}")
+        if d.loader_workers < 0:
+            raise bad("data.loader_workers", f"must be >= 0, got {d.loader_workers}")
         if t.grad_clip < 0:
             raise bad("train.grad_clip", f"must be >= 0 (0 disables), got {t.grad_clip}")
         choices = {"model.align_video": (m.align_video, ALIGN_VIDEO),
@@ -285,12 +303,16 @@ class ExperimentConfig:
 
 
 # ---- presets ----------------------------------------------------------------------------
+def feature_set_widths(video: list[str], text: list[str]) -> tuple[int, int]:
+    """(model.video_dim, model.text_dim) of the official feature sets, before any shard is read
+    (a shard manifest's own widths win: `vl.data.shards.ShardManifest.input_widths`)."""
+    return sum(FEATURE_DIMS[n] for n in video), sum(TEXT_FEATURE_DIMS[n] for n in text)
+
+
 def _feature_dims(video: list[str], text: list[str]) -> dict[str, Any]:
+    video_dim, text_dim = feature_set_widths(video, text)
     return {
-        "model": {
-            "video_dim": sum(FEATURE_DIMS[n] for n in video),
-            "text_dim": sum(TEXT_FEATURE_DIMS[n] for n in text),
-        },
+        "model": {"video_dim": video_dim, "text_dim": text_dim},
         "data": {"video_features": list(video), "text_features": list(text)},
     }
 
@@ -335,7 +357,8 @@ PRESETS: dict[str, dict[str, Any]] = {
             },
             "data": {"video_features": ["slowfast", "clip"], "text_features": ["clip"],
                      "max_v_l": 24, "max_q_l": 16, "batch_size": 4, "eval_batch_size": 8},
-            "train": {"epochs": 2, "num_workers": 1, "eval_every": 1},
+            "train": {"epochs": 2, "eval_every": 1},
+            "scale": {"num_workers": 1},
         },
     ),
 }
@@ -391,6 +414,9 @@ def _build(cls: type, raw: dict[str, Any], source: str, prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     for key in raw:
+        if f"{prefix}{key}" in RENAMED_KEYS:
+            raise ConfigError(f"{source}: key '{prefix}{key}' is now "
+                              f"'{RENAMED_KEYS[prefix + key]}'; rename it")
         if key not in known:
             hint = _closest(key, known)
             raise ConfigError(
@@ -446,15 +472,13 @@ def _coerce(value: Any, tp: Any, source: str, key: str) -> Any:
 
 
 def _closest(key: str, known: set[str]) -> str | None:
-    import difflib
-
     match = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
     return match[0] if match else None
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str], source: str) -> dict[str, Any]:
-    """Apply `a.b=value` strings onto a nested dict (values parsed as YAML)."""
-    raw = copy.deepcopy(raw)
+    """Apply `a.b=value` strings onto a nested dict (values parsed as YAML); see apply_values."""
+    values: dict[str, Any] = {}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. model.bicmf_layers=1")
@@ -463,15 +487,23 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str], source: str) -> d
         if not key:
             raise ConfigError(f"override {item!r}: empty key")
         try:
-            value = yaml.safe_load(text) if text.strip() else ""
+            values[key] = yaml.safe_load(text) if text.strip() else ""
         except yaml.YAMLError as exc:
             raise ConfigError(f"override {item!r}: value is not valid YAML ({exc})") from exc
+    return apply_values(raw, values)
+
+
+def apply_values(raw: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    """A copy of the nested dict `raw` with `{"a.b": value}` set at each dotted path: what
+    `--set` does, and how a tune trial's config (`tune.space`) becomes an experiment config."""
+    raw = copy.deepcopy(raw)
+    for key, value in values.items():
         node = raw
         parts = key.split(".")
         for part in parts[:-1]:
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                raise ConfigError(f"override {item!r}: '{part}' is not a section")
+                raise ConfigError(f"override {key}={value!r}: '{part}' is not a section")
             node = child
         node[parts[-1]] = value
     return raw

@@ -17,10 +17,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from vl import metrics as M
 from vl.config import TrainConfig
 from vl.data.batch import Batch
 from vl.losses.criterion import SetCriterion
-from vl.losses.spans import cxw_to_xx
+from vl.model import ModelOutput
+from vl.spans import cxw_to_xx
 
 # datasets whose official rows carry per-clip saliency / moments (EVAL_SPEC, spec section 5)
 # pretrain: saliency there is a CLIP similarity, not an annotator grade (spec 1.3): evaluated
@@ -133,12 +135,7 @@ def train_one_epoch(
 def predict_rows(
     model: nn.Module, batch: Batch, dataset: str = "qvhighlights", bf16: bool = False
 ) -> list[dict[str, Any]]:
-    """Official submission rows for a batch (spec section 5, EVAL_SPEC section 1).
-
-    Windows are decoded on the clip timeline the targets were normalised on (valid clips x clip
-    length; the reference decodes with `duration`, a quirk), clamped to it, rounded to whole
-    clips, and sorted by foreground probability. Saliency is truncated to the valid clips.
-    """
+    """Official submission rows for a batch: one eval-mode forward, then `postprocess`."""
     was_training = model.training
     model.eval()
     device = batch.video.device
@@ -146,14 +143,26 @@ def predict_rows(
         out = forward(model, batch)
     if was_training:
         model.train()
+    return postprocess(out, batch, dataset)
+
+
+@torch.no_grad()
+def postprocess(out: ModelOutput, batch: Batch, dataset: str) -> list[dict[str, Any]]:
+    """The model's output for a batch -> official submission rows (spec section 5, EVAL_SPEC
+    section 1); DETR's PostProcess.
+
+    Windows are decoded on the clip timeline the targets were normalised on (valid clips x clip
+    length; the reference decodes with `duration`, a quirk), clamped to it, rounded to whole
+    clips, and sorted by foreground probability. Saliency is truncated to the valid clips.
+    """
     scores = out.pred_logits.float().softmax(-1)[..., 0].cpu()  # (B, Nq)
     lengths = batch.video_mask.sum(1).long().cpu()  # (B,)
     clip_len = float(batch.clip_len)
     timeline = lengths.float() * clip_len  # (B,) seconds
-    windows = cxw_to_xx(out.pred_spans.float().cpu()) * timeline[:, None, None]
+    windows = cxw_to_xx(out.pred_spans.float().cpu()) * timeline[:, None, None]  # (B, Nq, 2)
     windows = torch.minimum(windows.clamp(min=0), timeline[:, None, None])
     windows = torch.round(windows / clip_len) * clip_len
-    saliency = out.saliency.float().cpu()
+    saliency = out.saliency.float().cpu()  # (B, Lv)
     rows = []
     for b in range(len(batch)):
         row: dict[str, Any] = {
@@ -192,7 +201,8 @@ def evaluate(
     epoch: int = 0,
     bf16: bool = False,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Predict every batch, average the loss terms, and score the rows with vl.metrics.
+    """Predict every batch (one forward each, shared by the loss and the rows), average the
+    loss terms, and score the rows with vl.metrics.
 
     Returns (metrics, rows); metrics holds `loss_*` means, the official metric block (when
     `ground_truth` is given) under "metrics", and the checkpoint-selection score under
@@ -204,14 +214,14 @@ def evaluate(
     rows: list[dict[str, Any]] = []
     for batch in loader:
         batch = batch.to(device)
+        with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16,
+                            enabled=bf16):
+            out = forward(model, batch)
         if criterion is not None:
-            with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16,
-                                enabled=bf16):
-                out = forward(model, batch)
             for k, v in criterion(out, batch, epoch).items():
                 sums[k] += float(v)
             n_batches += 1
-        rows.extend(predict_rows(model, batch, dataset, bf16=bf16))
+        rows.extend(postprocess(out, batch, dataset))
     result: dict[str, Any] = {f"val_{k}": v / max(n_batches, 1) for k, v in sums.items()}
     if ground_truth is not None:
         metrics = score_rows(dataset, rows, ground_truth)
@@ -222,8 +232,6 @@ def evaluate(
 
 def score_rows(dataset: str, rows: list[dict], ground_truth: list[dict]) -> dict[str, Any]:
     """Official metrics of prediction rows against GT rows (the ones that were predicted)."""
-    from vl import metrics as M  # local import: keeps the model importable without metrics
-
     wanted = {r["qid"] for r in rows}
     gt = [g for g in ground_truth if g["qid"] in wanted]
     if dataset == "tvsum":
@@ -234,7 +242,6 @@ def score_rows(dataset: str, rows: list[dict], ground_truth: list[dict]) -> dict
 
 
 def selection(dataset: str, metrics: dict[str, Any]) -> float:
-    from vl import metrics as M
-
+    """The checkpoint-selection score of a metric block (-inf when it is missing)."""
     score = M.selection_score(metrics, dataset)
     return float(score) if score is not None and math.isfinite(score) else float("-inf")

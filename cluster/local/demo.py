@@ -25,8 +25,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from mlflow.tracking import MlflowClient
+
 from cluster.local.common import WORKING_DIR_EXCLUDES
 from cluster.local.stack import ENV_FILE, STATE_FILE, LocalStack
+from jobs.shard import run as shard_run
+from vl.data.synthetic import SyntheticConfig, generate
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = "configs/smoke.yaml"
@@ -51,9 +55,6 @@ def step(message: str, t0: float) -> None:
 def generate_and_shard(root: Path, videos: int, env: dict[str, str], t0: float,
                        data_seed: int = 0) -> None:
     """Synthetic official layout under root/raw, then train/ and val/ shard sets on S3."""
-    from jobs.shard import run as shard_run
-    from vl.data.synthetic import SyntheticConfig, generate
-
     step(f"generating a synthetic QVHighlights-shaped dataset ({videos} videos, dims {DIMS}) "
          f"= python -m vl.data.synthetic --dataset qvhighlights --videos {videos} "
          f"--seed {data_seed} ...", t0)
@@ -107,8 +108,6 @@ def submit_training(env: dict[str, str], overrides: list[str], t0: float) -> dic
 
 def report(summary: dict, env: dict[str, str], t0: float) -> None:
     """MLflow URL, the best evaluation's metrics, the registered version and its alias."""
-    from mlflow.tracking import MlflowClient
-
     os.environ["MLFLOW_TRACKING_URI"] = env["MLFLOW_TRACKING_URI"]
     client = MlflowClient()
     run = client.get_run(summary["mlflow_run_id"])

@@ -227,69 +227,15 @@ def start_ray_head(
     With `wait=False` it returns right after launching; call `wait_ready()` before use (lets a
     caller start other services meanwhile).
     """
-    temp_dir = Path(temp_dir).resolve()
-    if len(str(temp_dir)) > MAX_TEMP_DIR_CHARS:
-        raise ValueError(
-            f"Ray temp dir {temp_dir} is {len(str(temp_dir))} characters; Ray's socket paths "
-            f"overflow past {MAX_TEMP_DIR_CHARS}. Use a shorter path (e.g. under /tmp)."
-        )
-    temp_dir.mkdir(parents=True, exist_ok=True)
-    home = temp_dir / "home"
-    home.mkdir(exist_ok=True)
-    # With this file present Ray believes it runs on a launched cluster with a local provider
-    # and skips the cloud-metadata probes its dashboard otherwise sends (STACK.md).
-    (home / "ray_bootstrap_config.yaml").write_text("provider:\n  type: local\n")
-    token_path = temp_dir / "auth_token"
-    write_token(token_path)
-
-    ports = {
-        name: free_port(_PORT_LOW, _PORT_HIGH)
-        for name in (
-            "port",
-            "dashboard-port",
-            "ray-client-server-port",
-            "dashboard-agent-listen-port",
-            "dashboard-agent-grpc-port",
-            "runtime-env-agent-port",
-            "metrics-export-port",
-            "node-manager-port",
-            "object-manager-port",
-        )
-    }
+    temp_dir, home, token_path = _prepare_temp_dir(temp_dir)
+    ports = {name: free_port(_PORT_LOW, _PORT_HIGH) for name in _HEAD_PORTS}
     if len(set(ports.values())) != len(ports):  # free_port may hand out one port twice
         return start_ray_head(temp_dir, num_cpus, env, object_store_bytes, timeout_s, wait)
-    ray_bin = Path(sys.executable).with_name("ray")
-    command = [
-        str(ray_bin) if ray_bin.exists() else "ray",
-        "start",
-        "--head",
-        "--block",
-        f"--temp-dir={temp_dir}",
-        f"--num-cpus={num_cpus}",
-        "--num-gpus=0",
-        f"--object-store-memory={object_store_bytes}",
-        "--include-dashboard=true",
-        "--dashboard-host=127.0.0.1",
-        "--node-ip-address=127.0.0.1",
-        "--disable-usage-stats",
-        *(f"--{name}={port}" for name, port in ports.items()),
-    ]
-    child_env = quiet_env(env)
-    for name in _INHERITED_VARS:
-        child_env.pop(name, None)
-    child_env.update(
-        {
-            "HOME": str(home),
-            "RAY_AUTH_MODE": "token",
-            "RAY_AUTH_TOKEN_PATH": str(token_path),
-            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-        }
-    )
     log_path = temp_dir / "ray-head.log"
     with open(log_path, "ab") as log:
         popen = subprocess.Popen(
-            command,
-            env=child_env,
+            _head_command(temp_dir, num_cpus, object_store_bytes, ports),
+            env=_head_env(env, home, token_path),
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -309,3 +255,73 @@ def start_ray_head(
     if wait:
         head.wait_ready(timeout_s)
     return head
+
+
+# Every port `ray start --head` opens, each fixed outside Ray's worker port range.
+_HEAD_PORTS = (
+    "port",
+    "dashboard-port",
+    "ray-client-server-port",
+    "dashboard-agent-listen-port",
+    "dashboard-agent-grpc-port",
+    "runtime-env-agent-port",
+    "metrics-export-port",
+    "node-manager-port",
+    "object-manager-port",
+)
+
+
+def _prepare_temp_dir(temp_dir: Path) -> tuple[Path, Path, Path]:
+    """(temp dir, the head's HOME, its auth token file), created; the path length checked."""
+    temp_dir = Path(temp_dir).resolve()
+    if len(str(temp_dir)) > MAX_TEMP_DIR_CHARS:
+        raise ValueError(
+            f"Ray temp dir {temp_dir} is {len(str(temp_dir))} characters; Ray's socket paths "
+            f"overflow past {MAX_TEMP_DIR_CHARS}. Use a shorter path (e.g. under /tmp)."
+        )
+    temp_dir.mkdir(parents=True, exist_ok=True)
+    home = temp_dir / "home"
+    home.mkdir(exist_ok=True)
+    # With this file present Ray believes it runs on a launched cluster with a local provider
+    # and skips the cloud-metadata probes its dashboard otherwise sends (STACK.md).
+    (home / "ray_bootstrap_config.yaml").write_text("provider:\n  type: local\n")
+    token_path = temp_dir / "auth_token"
+    write_token(token_path)
+    return temp_dir, home, token_path
+
+
+def _head_command(temp_dir: Path, num_cpus: int, object_store_bytes: int,
+                  ports: dict[str, int]) -> list[str]:  # fmt: skip
+    ray_bin = Path(sys.executable).with_name("ray")
+    return [
+        str(ray_bin) if ray_bin.exists() else "ray",
+        "start",
+        "--head",
+        "--block",
+        f"--temp-dir={temp_dir}",
+        f"--num-cpus={num_cpus}",
+        "--num-gpus=0",
+        f"--object-store-memory={object_store_bytes}",
+        "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1",
+        "--node-ip-address=127.0.0.1",
+        "--disable-usage-stats",
+        *(f"--{name}={port}" for name, port in ports.items()),
+    ]
+
+
+def _head_env(env: dict[str, str] | None, home: Path, token_path: Path) -> dict[str, str]:
+    """The head's environment: `env` with the no-telemetry switches, token auth, its own HOME,
+    and nothing inherited that would point it at another cluster."""
+    child_env = quiet_env(env)
+    for name in _INHERITED_VARS:
+        child_env.pop(name, None)
+    child_env.update(
+        {
+            "HOME": str(home),
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN_PATH": str(token_path),
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        }
+    )
+    return child_env

@@ -7,6 +7,7 @@ server that enforces credentials catches a client that ignores `AWS_ENDPOINT_URL
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -17,6 +18,9 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import botocore.session
+from botocore.config import Config
 
 from cluster.local.common import free_port, port_open, quiet_env, wait_for
 
@@ -117,9 +121,6 @@ def _group_alive(pgid: int) -> bool:
 def _bucket_usable(endpoint: str, access_key: str, secret_key: str, bucket: str) -> bool:
     """Write, read and delete a probe object: the port being open is not enough (the filer and
     volume servers come up after the S3 gateway)."""
-    import botocore.session
-    from botocore.config import Config
-
     try:
         client = botocore.session.get_session().create_client(
             "s3",
@@ -152,51 +153,18 @@ def start_s3(
     data_dir.mkdir(parents=True, exist_ok=True)
     access_key = access_key or "vl" + secrets.token_hex(8)
     secret_key = secret_key or secrets.token_hex(20)
-    config_path = data_dir / "s3.json"
-    config_path.write_text(
-        json.dumps(
-            {
-                "identities": [
-                    {
-                        "name": "local",
-                        "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
-                        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-                    }
-                ]
-            }
-        )
-    )
-    os.chmod(config_path, 0o600)
+    config_path = _write_identity(data_dir / "s3.json", access_key, secret_key)
     taken: set[int] = set()
     ports = {
-        name: _paired_free_port(taken) for name in ("master", "volume", "filer", "s3", "admin")
+        name: _paired_free_port(taken)
+        for name in ("master", "volume", "filer", "s3", "admin", "webdav")
     }
-    webdav = _paired_free_port(taken)
     store = data_dir / "store"
     store.mkdir(exist_ok=True)
-    cmd = [
-        str(weed_binary()),
-        "mini",
-        f"-dir={store}",
-        "-ip=127.0.0.1",
-        "-ip.bind=127.0.0.1",
-        f"-master.port={ports['master']}",
-        f"-volume.port={ports['volume']}",
-        f"-filer.port={ports['filer']}",
-        f"-s3.port={ports['s3']}",
-        f"-admin.port={ports['admin']}",
-        f"-webdav.port={webdav}",
-        "-admin.ui=false",
-        "-master.telemetry=false",
-        "-s3.port.iceberg=0",
-        "-s3.port.lance=0",
-        f"-s3.config={config_path}",
-        f"-bucket={','.join(buckets)}",
-    ]
     log_path = data_dir / "weed.log"
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
-            cmd,
+            _weed_command(store, ports, config_path, buckets),
             cwd=data_dir,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -231,10 +199,50 @@ def start_s3(
     return server
 
 
+def _write_identity(path: Path, access_key: str, secret_key: str) -> Path:
+    """The server's one identity (admin on every bucket), readable by its owner only."""
+    path.write_text(
+        json.dumps(
+            {
+                "identities": [
+                    {
+                        "name": "local",
+                        "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
+                        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                    }
+                ]
+            }
+        )
+    )
+    os.chmod(path, 0o600)
+    return path
+
+
+def _weed_command(store: Path, ports: dict[str, int], config_path: Path,
+                  buckets: list[str]) -> list[str]:  # fmt: skip
+    return [
+        str(weed_binary()),
+        "mini",
+        f"-dir={store}",
+        "-ip=127.0.0.1",
+        "-ip.bind=127.0.0.1",
+        f"-master.port={ports['master']}",
+        f"-volume.port={ports['volume']}",
+        f"-filer.port={ports['filer']}",
+        f"-s3.port={ports['s3']}",
+        f"-admin.port={ports['admin']}",
+        f"-webdav.port={ports['webdav']}",
+        "-admin.ui=false",
+        "-master.telemetry=false",
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",
+        f"-s3.config={config_path}",
+        f"-bucket={','.join(buckets)}",
+    ]
+
+
 def main() -> None:
     """`python -m cluster.local.s3 DIR [BUCKET...]`: run a server in the foreground, print env."""
-    import argparse
-
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("data_dir", type=Path)
     parser.add_argument("buckets", nargs="*", default=["vl-data", "vl-runs", "mlflow"])

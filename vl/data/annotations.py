@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-DATASETS = ("qvhighlights", "charades", "tvsum", "pretrain")
-TVSUM_DOMAINS = ("BK", "BT", "DS", "FM", "GA", "MS", "PK", "PR", "VT", "VU")
+from vl.config import DATASETS, TVSUM_DOMAINS
+
 DEFAULT_CLIP_LEN = {"qvhighlights": 2.0, "charades": 1.0, "tvsum": 2.0, "pretrain": 2.0}
 # Saliency pairs per sample (spec 1.4): [hard, easy] for QVH, two random for window-derived
 # data, one hard pair for TVSum. Fixed within a dataset so batches stack.
@@ -93,6 +93,40 @@ def parse_annotation(
     def fail(field_name: str | None, message: str) -> AnnotationError:
         return AnnotationError(path, line, field_name, message)
 
+    qid, vid, query, duration = _parse_identity(row, fail)
+    windows = _parse_windows(row, duration, validate, window_tolerance_s, fail)
+    clip_ids = _parse_clip_ids(row, duration, clip_len, validate, fail)
+    saliency = _parse_saliency(row, dataset, len(clip_ids), validate, fail)
+    domain = row.get("domain")
+    label = None
+    if dataset == "tvsum":
+        label = _parse_tvsum_label(row, duration, domain, validate, fail)
+    if validate and dataset in ("charades", "pretrain") and len(windows) != 1:
+        raise fail("relevant_windows", f"expected exactly one window, got {len(windows)}")
+    if validate and dataset == "qvhighlights" and row.get("relevant_windows") is not None \
+            and not windows:
+        raise fail("relevant_windows", "is empty")
+    return Annotation(
+        dataset=dataset,
+        qid=qid,
+        vid=vid,
+        query=query,
+        duration=duration,
+        windows=tuple(windows),
+        clip_ids=tuple(clip_ids),
+        saliency=tuple(saliency),
+        label=label,
+        domain=domain if isinstance(domain, str) else None,
+        source=f"{path}:{line}",
+        raw=row,
+    )
+
+
+_Fail = Callable[[str | None, str], AnnotationError]
+
+
+def _parse_identity(row: Any, fail: _Fail) -> tuple[int | str, str, str, float]:
+    """(qid, vid, query, duration) of a row: the fields every dataset has."""
     if not isinstance(row, dict):
         raise fail(None, f"expected a JSON object, got {type(row).__name__}")
     for key in ("qid", "vid", "duration"):
@@ -110,104 +144,104 @@ def parse_annotation(
     duration = row["duration"]
     if not _is_number(duration) or duration <= 0:
         raise fail("duration", f"must be a positive number, got {duration!r}")
-    duration = float(duration)
+    return qid, vid, query, float(duration)
 
+
+def _parse_windows(row: dict[str, Any], duration: float, validate: bool, tolerance_s: float,
+                   fail: _Fail) -> list[tuple[float, float]]:  # fmt: skip
+    """`relevant_windows` as (start, end) seconds, inside the video when validating."""
     windows: list[tuple[float, float]] = []
     raw_windows = row.get("relevant_windows")
-    if raw_windows is not None:
-        if not isinstance(raw_windows, list):
-            raise fail("relevant_windows", "must be a list of [start, end] pairs")
-        for i, w in enumerate(raw_windows):
-            if not (isinstance(w, list | tuple) and len(w) == 2 and all(map(_is_number, w))):
-                raise fail("relevant_windows", f"window {i} must be [start, end], got {w!r}")
-            st, ed = float(w[0]), float(w[1])
-            if validate and not (-window_tolerance_s <= st < ed <= duration + window_tolerance_s):
-                raise fail(
-                    "relevant_windows",
-                    f"window {i} [{st}, {ed}] is not inside the video [0, {duration}] "
-                    "with start < end",
-                )
-            windows.append((st, ed))
+    if raw_windows is None:
+        return windows
+    if not isinstance(raw_windows, list):
+        raise fail("relevant_windows", "must be a list of [start, end] pairs")
+    for i, w in enumerate(raw_windows):
+        if not (isinstance(w, list | tuple) and len(w) == 2 and all(map(_is_number, w))):
+            raise fail("relevant_windows", f"window {i} must be [start, end], got {w!r}")
+        st, ed = float(w[0]), float(w[1])
+        if validate and not (-tolerance_s <= st < ed <= duration + tolerance_s):
+            raise fail(
+                "relevant_windows",
+                f"window {i} [{st}, {ed}] is not inside the video [0, {duration}] "
+                "with start < end",
+            )
+        windows.append((st, ed))
+    return windows
 
+
+def _parse_clip_ids(row: dict[str, Any], duration: float, clip_len: float, validate: bool,
+                    fail: _Fail) -> list[int]:  # fmt: skip
+    """`relevant_clip_ids`: distinct clip indices inside the video when validating."""
     clip_ids: list[int] = []
     raw_clip_ids = row.get("relevant_clip_ids")
-    if raw_clip_ids is not None:
-        if not isinstance(raw_clip_ids, list):
-            raise fail("relevant_clip_ids", "must be a list of ints")
-        n_clips = math.ceil(duration / clip_len - 1e-9)
-        for c in raw_clip_ids:
-            if not isinstance(c, int) or isinstance(c, bool):
-                raise fail("relevant_clip_ids", f"must hold ints, got {c!r}")
-            if validate and not 0 <= c < n_clips:
-                raise fail(
-                    "relevant_clip_ids",
-                    f"clip id {c} out of range [0, {n_clips}) for duration {duration} s "
-                    f"and {clip_len} s clips",
-                )
-            clip_ids.append(c)
-        if validate and len(set(clip_ids)) != len(clip_ids):
-            raise fail("relevant_clip_ids", "contains duplicates")
+    if raw_clip_ids is None:
+        return clip_ids
+    if not isinstance(raw_clip_ids, list):
+        raise fail("relevant_clip_ids", "must be a list of ints")
+    n_clips = math.ceil(duration / clip_len - 1e-9)
+    for c in raw_clip_ids:
+        if not isinstance(c, int) or isinstance(c, bool):
+            raise fail("relevant_clip_ids", f"must hold ints, got {c!r}")
+        if validate and not 0 <= c < n_clips:
+            raise fail(
+                "relevant_clip_ids",
+                f"clip id {c} out of range [0, {n_clips}) for duration {duration} s "
+                f"and {clip_len} s clips",
+            )
+        clip_ids.append(c)
+    if validate and len(set(clip_ids)) != len(clip_ids):
+        raise fail("relevant_clip_ids", "contains duplicates")
+    return clip_ids
 
+
+def _parse_saliency(row: dict[str, Any], dataset: str, n_clip_ids: int, validate: bool,
+                    fail: _Fail) -> list[tuple[float, ...]]:  # fmt: skip
+    """`saliency_scores`: per relevant clip, the annotators' scores (QVH: 3 values 0..4)."""
     saliency: list[tuple[float, ...]] = []
     raw_saliency = row.get("saliency_scores")
-    if raw_saliency is not None:
-        if not isinstance(raw_saliency, list):
-            raise fail("saliency_scores", "must be a list (one entry per relevant clip)")
-        if validate and len(raw_saliency) != len(clip_ids):
-            raise fail(
-                "saliency_scores",
-                f"has {len(raw_saliency)} entries but relevant_clip_ids has {len(clip_ids)}",
-            )
-        width = QVH_ANNOTATORS if dataset == "qvhighlights" else 1
-        for i, s in enumerate(raw_saliency):
-            if not (isinstance(s, list) and all(map(_is_number, s))):
-                raise fail("saliency_scores", f"entry {i} must be a list of numbers, got {s!r}")
-            if validate and dataset in ("qvhighlights", "pretrain") and len(s) != width:
-                raise fail("saliency_scores", f"entry {i} has {len(s)} scores, expected {width}")
-            if validate and dataset == "qvhighlights" and not all(0 <= v <= 4 for v in s):
-                raise fail("saliency_scores", f"entry {i} {s} has a score outside 0..4")
-            saliency.append(tuple(float(v) for v in s))
+    if raw_saliency is None:
+        return saliency
+    if not isinstance(raw_saliency, list):
+        raise fail("saliency_scores", "must be a list (one entry per relevant clip)")
+    if validate and len(raw_saliency) != n_clip_ids:
+        raise fail(
+            "saliency_scores",
+            f"has {len(raw_saliency)} entries but relevant_clip_ids has {n_clip_ids}",
+        )
+    width = QVH_ANNOTATORS if dataset == "qvhighlights" else 1
+    for i, s in enumerate(raw_saliency):
+        if not (isinstance(s, list) and all(map(_is_number, s))):
+            raise fail("saliency_scores", f"entry {i} must be a list of numbers, got {s!r}")
+        if validate and dataset in ("qvhighlights", "pretrain") and len(s) != width:
+            raise fail("saliency_scores", f"entry {i} has {len(s)} scores, expected {width}")
+        if validate and dataset == "qvhighlights" and not all(0 <= v <= 4 for v in s):
+            raise fail("saliency_scores", f"entry {i} {s} has a score outside 0..4")
+        saliency.append(tuple(float(v) for v in s))
+    return saliency
 
-    label = None
-    domain = row.get("domain")
-    if dataset == "tvsum":
-        raw_label = row.get("label")
-        if raw_label is None:
-            raise fail("label", "missing (TVSum rows carry a #clips x 20 score matrix)")
-        try:
-            label = np.asarray(raw_label, dtype=np.float32)
-        except (TypeError, ValueError) as e:
-            raise fail("label", f"not a numeric matrix ({e})") from None
-        if validate:
-            if label.ndim != 2 or label.shape[1] != TVSUM_ANNOTATORS:
-                raise fail("label", f"shape {label.shape}, expected (#clips, {TVSUM_ANNOTATORS})")
-            if label.shape[0] != int(round(duration)):
-                raise fail(
-                    "label", f"has {label.shape[0]} clips but duration says {duration:g} clips"
-                )
-            if not np.all((label >= 1) & (label <= 5)):
-                raise fail("label", "scores must lie in 1..5")
-            if domain not in TVSUM_DOMAINS:
-                raise fail("domain", f"{domain!r} is not one of {', '.join(TVSUM_DOMAINS)}")
-    if validate and dataset in ("charades", "pretrain") and len(windows) != 1:
-        raise fail("relevant_windows", f"expected exactly one window, got {len(windows)}")
-    if validate and dataset == "qvhighlights" and raw_windows is not None and not windows:
-        raise fail("relevant_windows", "is empty")
 
-    return Annotation(
-        dataset=dataset,
-        qid=qid,
-        vid=vid,
-        query=query,
-        duration=duration,
-        windows=tuple(windows),
-        clip_ids=tuple(clip_ids),
-        saliency=tuple(saliency),
-        label=label,
-        domain=domain if isinstance(domain, str) else None,
-        source=f"{path}:{line}",
-        raw=row,
-    )
+def _parse_tvsum_label(row: dict[str, Any], duration: float, domain: Any, validate: bool,
+                       fail: _Fail) -> np.ndarray:  # fmt: skip
+    """TVSum's (#clips, 20) matrix of 1..5 annotator scores, and its domain when validating."""
+    raw_label = row.get("label")
+    if raw_label is None:
+        raise fail("label", "missing (TVSum rows carry a #clips x 20 score matrix)")
+    try:
+        label = np.asarray(raw_label, dtype=np.float32)
+    except (TypeError, ValueError) as e:
+        raise fail("label", f"not a numeric matrix ({e})") from None
+    if not validate:
+        return label
+    if label.ndim != 2 or label.shape[1] != TVSUM_ANNOTATORS:
+        raise fail("label", f"shape {label.shape}, expected (#clips, {TVSUM_ANNOTATORS})")
+    if label.shape[0] != int(round(duration)):
+        raise fail("label", f"has {label.shape[0]} clips but duration says {duration:g} clips")
+    if not np.all((label >= 1) & (label <= 5)):
+        raise fail("label", "scores must lie in 1..5")
+    if domain not in TVSUM_DOMAINS:
+        raise fail("domain", f"{domain!r} is not one of {', '.join(TVSUM_DOMAINS)}")
+    return label
 
 
 def iter_jsonl(path: str | Path) -> Iterable[tuple[int, dict[str, Any]]]:

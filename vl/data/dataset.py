@@ -21,30 +21,28 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from vl.config import TEF_DIMS
 from vl.data.annotations import (
     DEFAULT_CLIP_LEN,
     MAX_WINDOWS,
-    PAIRS_PER_SAMPLE,
     Annotation,
     Targets,
     build_targets,
     parse_annotation,
 )
-from vl.data.batch import Batch
-from vl.data.features import TEF_DIM
+from vl.data.batch import Batch, pad_batch
 from vl.data.shards import (
     ShardManifest,
     decode_features,
     fetch_shard,
-    is_remote,
     read_annotations,
     read_manifest,
     text_column,
     video_column,
 )
+from vl.storage import is_remote
 
 __all__ = ["Sample", "ShardDataset", "collate", "make_loader", "read_annotations", "sample_rng"]
 
@@ -116,103 +114,22 @@ def make_sample(
 
 
 def collate(samples: Sequence[Sample]) -> Batch:
-    """Pad a list of Samples to the batch maxima -> Batch (float masks, 1 = valid).
-
-    Video = feature sets concatenated + 2 TEF dims (i/L, (i+1)/L), zero on padding; text = sets
-    concatenated; span targets padded to the batch's max window count (at least 1); saliency
-    labels padded with 0.
-    """
+    """Pad a list of Samples into a Batch (`vl.data.batch.pad_batch`: feature sets
+    concatenated, 2 TEF dims appended, targets padded)."""
     if not samples:
         raise ValueError("collate got an empty list")
-    B = len(samples)
-    n_v = [len(s.video[0]) for s in samples]
-    n_t = [len(s.text[0]) for s in samples]
-    Lv, Lq = max(n_v), max(n_t)
-    dv = [v.shape[1] for v in samples[0].video]
-    dt = [t.shape[1] for t in samples[0].text]
-    Dv, Dt = sum(dv) + TEF_DIM, sum(dt)
-    video = _empty(B, Lv, Dv)  # every element is written below: features, TEF or padding
-    video_mask = torch.zeros(B, Lv)
-    text = _empty(B, Lq, Dt)
-    text_mask = torch.zeros(B, Lq)
-    W = max(1, max(len(s.targets.spans) for s in samples))
-    span_targets = torch.zeros(B, W, 2)
-    span_mask = torch.zeros(B, W, dtype=torch.bool)
-    saliency = torch.zeros(B, Lv)
-    P = len(samples[0].targets.pos_idx)
-    pos = torch.empty(B, P, dtype=torch.int64)
-    neg = torch.empty(B, P, dtype=torch.int64)
-    with warnings.catch_warnings():
-        # Shard features are read-only views of the Parquet buffer; they are only read here.
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        for i, s in enumerate(samples):
-            if [v.shape[1] for v in s.video] != dv or [t.shape[1] for t in s.text] != dt:
-                raise ValueError(f"qid {s.qid!r}: feature dims differ from the batch's first")
-            if len(s.targets.pos_idx) != P:
-                raise ValueError(f"qid {s.qid!r}: {len(s.targets.pos_idx)} pairs, batch has {P}")
-            L, Lt = n_v[i], n_t[i]
-            off = 0
-            for v in s.video:
-                video[i, :L, off : off + v.shape[1]] = torch.from_numpy(v)
-                off += v.shape[1]
-            start = torch.arange(L, dtype=torch.float32) / L
-            video[i, :L, off] = start
-            video[i, :L, off + 1] = start + 1.0 / L
-            video[i, L:] = 0.0
-            video_mask[i, :L] = 1.0
-            off = 0
-            for t in s.text:
-                text[i, :Lt, off : off + t.shape[1]] = torch.from_numpy(t)
-                off += t.shape[1]
-            text[i, Lt:] = 0.0
-            text_mask[i, :Lt] = 1.0
-            w = len(s.targets.spans)
-            if w:
-                span_targets[i, :w] = torch.from_numpy(s.targets.spans)
-                span_mask[i, :w] = True
-            saliency[i, :L] = torch.from_numpy(s.targets.saliency_labels[:L])
-            pos[i] = torch.from_numpy(s.targets.pos_idx)
-            neg[i] = torch.from_numpy(s.targets.neg_idx)
     has_spans = {s.has_spans for s in samples}
     if len(has_spans) != 1:
         raise ValueError("a batch mixes samples with and without spans")
-    return Batch(
-        video=video,
-        video_mask=video_mask,
-        text=text,
-        text_mask=text_mask,
-        span_targets=span_targets,
-        span_mask=span_mask,
-        saliency_labels=saliency,
-        saliency_pos_idx=pos,
-        saliency_neg_idx=neg,
-        has_spans=has_spans.pop(),
-        qids=[s.qid for s in samples],
-        vids=[s.vid for s in samples],
-        queries=[s.query for s in samples],
-        durations=[s.duration for s in samples],
-        clip_len=samples[0].clip_len,
-    )
-
-
-def _empty(*shape: int) -> torch.Tensor:
-    """An uninitialised float32 tensor for a batch (~35 MB at QVHighlights dims).
-
-    Inside a DataLoader worker it is allocated in shared memory directly (as torch's
-    default_collate does), which saves copying the batch into shared memory when the worker
-    hands it to the main process. In-process it comes from NumPy, which asks the kernel for
-    transparent huge pages on large allocations: a fresh 35 MB torch.empty takes ~8,600 page
-    faults on first write and glibc unmaps it again on free (it is above the 32 MB mmap
-    threshold), so every batch paid them; on this project's VMs that was 1.5 ms per sample, more
-    than all the other collation work together (huge pages: 0.2 ms).
-    """
-    if get_worker_info() is None:
-        return torch.from_numpy(np.empty(shape, dtype=np.float32))
-    numel = 1
-    for n in shape:
-        numel *= n
-    storage = torch.empty(0)._typed_storage()._new_shared(numel)
-    return torch.empty(0).new(storage).view(*shape)
+    with warnings.catch_warnings():
+        # Shard features are read-only views of the Parquet buffer; they are only read here.
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return pad_batch(
+            [s.video for s in samples], [s.text for s in samples], [s.targets for s in samples],
+            has_spans=has_spans.pop(), qids=[s.qid for s in samples],
+            vids=[s.vid for s in samples], queries=[s.query for s in samples],
+            durations=[s.duration for s in samples], clip_len=samples[0].clip_len,
+        )  # fmt: skip
 
 
 # --- the streaming dataset ----------------------------------------------------------------------
@@ -302,18 +219,12 @@ class ShardDataset(IterableDataset):
 
     @property
     def video_dim(self) -> int:
-        """Model input video dim: chosen sets + 2 TEF dims."""
-        dims = {f.name: f.dim for f in self.manifest.video_features}
-        return sum(dims[n] for n in self.video_sets) + TEF_DIM
+        """Width of a batch's video tensor: chosen sets + 2 TEF dims."""
+        return self.manifest.input_widths(self.video_sets, self.text_sets)[0] + TEF_DIMS
 
     @property
     def text_dim(self) -> int:
-        dims = {f.name: f.dim for f in self.manifest.text_features}
-        return sum(dims[n] for n in self.text_sets)
-
-    @property
-    def pairs_per_sample(self) -> int:
-        return PAIRS_PER_SAMPLE[self.dataset]
+        return self.manifest.input_widths(self.video_sets, self.text_sets)[1]
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose shuffle and random targets the next iteration uses."""

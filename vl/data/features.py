@@ -1,5 +1,5 @@
 """The official per-file feature layout (spec 1.1-1.2): feature-set names, directory names, npz
-reading, L2 normalisation and the temporal endpoint feature (TEF).
+reading and L2 normalisation.
 
 Both the shard converter and the per-sample npz baseline read features through this module, so
 "what a feature set is" is decided in one place.
@@ -13,9 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-VIDEO_FEATURE_DIMS = {"slowfast": 2304, "clip": 512, "blip": 768, "i3d": 2048}
-TEXT_FEATURE_DIMS = {"clip": 512, "blip": 768}
-TEF_DIM = 2
+from vl.config import FEATURE_DIMS, TEXT_FEATURE_DIMS
+
 NORM_EPS = 1e-5
 
 # Official directory names -> feature-set names (spec 1.1).
@@ -83,7 +82,7 @@ def parse_feature_dirs(spec: str | list[str], modality: str) -> list[FeatureDir]
         raise ValueError(f"modality must be 'video' or 'text', got {modality!r}")
     items = spec.split(",") if isinstance(spec, str) else list(spec)
     table = VIDEO_DIR_NAMES if modality == "video" else TEXT_DIR_NAMES
-    dims = VIDEO_FEATURE_DIMS if modality == "video" else TEXT_FEATURE_DIMS
+    dims = FEATURE_DIMS if modality == "video" else TEXT_FEATURE_DIMS
     out: list[FeatureDir] = []
     for item in (i.strip() for i in items):
         if not item:
@@ -114,12 +113,6 @@ def l2_normalize(x: np.ndarray, eps: float = NORM_EPS) -> np.ndarray:
     """Row-wise x / (||x|| + eps) in float32, as the reference does per clip / per token."""
     x = np.asarray(x, dtype=np.float32)
     return x / (np.linalg.norm(x, axis=-1, keepdims=True) + eps)
-
-
-def tef(n: int) -> np.ndarray:
-    """Temporal endpoint feature (n, 2): (i/n, (i+1)/n) for clip i."""
-    start = np.arange(n, dtype=np.float32) / max(n, 1)
-    return np.stack([start, start + 1.0 / max(n, 1)], axis=1)
 
 
 # --- file lookup --------------------------------------------------------------------------------
@@ -175,11 +168,3 @@ def load_text_set(
         raise FileNotFoundError(f"text features {d.name!r} for qid {qid!r} not in {d.path}")
     key = "token" if dataset == "tvsum" else "last_hidden_state"
     return np.asarray(_read_array(path, key)[:max_q_l], dtype=np.float32)
-
-
-def load_sets(
-    loaders: list[tuple[str, np.ndarray]],
-) -> dict[str, np.ndarray]:
-    """Normalise each set and truncate all to the shortest (spec 1.2)."""
-    n = min(len(a) for _, a in loaders)
-    return {name: l2_normalize(a[:n]) for name, a in loaders}

@@ -17,13 +17,12 @@ Layout of a shard set at URI (a local directory or s3://bucket/prefix):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from vl.storage import filesystem, is_remote, join_uri, read_bytes, sha256_file, write_bytes
+
 SCHEMA_VERSION = 1
 FORMAT_NAME = "videolights-feature-shards"
 MANIFEST_NAME = "manifest.json"
@@ -39,75 +40,6 @@ PARTS_DIR = "_parts"
 DEFAULT_ROW_GROUP_ROWS = 32
 DEFAULT_ROWS_PER_SHARD = 256
 NORMALIZATION = "l2 per clip / per token, x / (||x|| + 1e-5), applied before the float16 cast"
-
-
-# --- filesystems --------------------------------------------------------------------------------
-
-
-def is_remote(uri: str) -> bool:
-    return "://" in uri and not uri.startswith("file://")
-
-
-def join_uri(base: str, *names: str) -> str:
-    return "/".join([base.rstrip("/"), *names])
-
-
-def filesystem(uri: str):
-    """(fsspec filesystem, path) for a local path or s3:// URI.
-
-    S3 settings come from the standard variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID,
-    AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION). They are passed explicitly so fsspec's instance
-    cache can never hand back a client built for another endpoint or key pair.
-    """
-    if uri.startswith("s3://"):
-        import s3fs
-
-        fs = s3fs.S3FileSystem(
-            endpoint_url=os.environ.get("AWS_ENDPOINT_URL_S3")
-            or os.environ.get("AWS_ENDPOINT_URL"),
-            key=os.environ.get("AWS_ACCESS_KEY_ID"),
-            secret=os.environ.get("AWS_SECRET_ACCESS_KEY"),
-            client_kwargs={"region_name": os.environ.get("AWS_DEFAULT_REGION", "us-east-1")},
-        )
-        return fs, uri[len("s3://") :]
-    if is_remote(uri):
-        import fsspec
-
-        return fsspec.core.url_to_fs(uri)
-    import fsspec
-
-    path = uri[len("file://") :] if uri.startswith("file://") else uri
-    return fsspec.filesystem("file"), os.path.abspath(path)
-
-
-def read_bytes(uri: str) -> bytes:
-    fs, path = filesystem(uri)
-    return fs.cat_file(path)
-
-
-def write_bytes(uri: str, data: bytes) -> None:
-    fs, path = filesystem(uri)
-    if not is_remote(uri):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)  # readers never see a half-written manifest
-        return
-    fs.pipe_file(path, data)
-
-
-def exists(uri: str) -> bool:
-    fs, path = filesystem(uri)
-    return fs.exists(path)
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 # --- manifest -----------------------------------------------------------------------------------
@@ -160,6 +92,21 @@ class ShardManifest:
     @property
     def num_rows(self) -> int:
         return sum(s.num_rows for s in self.shards)
+
+    def input_widths(self, video_sets: Sequence[str], text_sets: Sequence[str]) -> tuple[int, int]:
+        """(model.video_dim, model.text_dim) of the chosen feature sets: their stored widths
+        summed, without the TEF dims the loader appends. The one place a model's input widths
+        come from the data; ValueError names any set the shards do not hold."""
+        widths = []
+        for modality, wanted, stored in (("video", video_sets, self.video_features),
+                                         ("text", text_sets, self.text_features)):  # fmt: skip
+            dims = {f.name: f.dim for f in stored}
+            missing = [w for w in wanted if w not in dims]
+            if missing:
+                raise ValueError(f"{modality} feature sets {missing} are not in the shards (they "
+                                 f"hold {sorted(dims)}); fix data.{modality}_features")
+            widths.append(sum(dims[w] for w in wanted))
+        return widths[0], widths[1]
 
     def to_json(self) -> str:
         d = asdict(self)
@@ -444,16 +391,6 @@ def decode_features(blob: bytes | np.ndarray, n: int, dim: int) -> np.ndarray:
     if isinstance(blob, np.ndarray):
         return blob.view("<f2").reshape(n, dim)
     return np.frombuffer(blob, dtype="<f2").reshape(n, dim)
-
-
-def iter_row_groups(
-    path: str | Path, columns: list[str] | None = None, row_groups: Iterable[int] | None = None
-) -> Iterator[pa.Table]:
-    """Stream a local shard one row group at a time (bounded memory)."""
-    pf = pq.ParquetFile(str(path))
-    groups = range(pf.num_row_groups) if row_groups is None else row_groups
-    for i in groups:
-        yield pf.read_row_group(i, columns=columns)
 
 
 def read_column(base_uri: str, column: str, cache_dir: str | Path | None = None) -> list[Any]:

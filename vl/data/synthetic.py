@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from vl.config import FEATURE_DIMS, TEXT_FEATURE_DIMS
 from vl.data.annotations import (
     DEFAULT_CLIP_LEN,
     TVSUM_ANNOTATORS,
@@ -33,7 +34,7 @@ from vl.data.annotations import (
     Annotation,
     load_annotations,
 )
-from vl.data.features import OFFICIAL_DIR, TEXT_FEATURE_DIMS, VIDEO_FEATURE_DIMS
+from vl.data.features import OFFICIAL_DIR
 
 SPLIT_FILES = {
     "qvhighlights": ("highlight_train_release.jsonl", "highlight_val_release.jsonl"),
@@ -79,7 +80,7 @@ class SyntheticConfig:
             self.queries_per_video = 1 if self.dataset == "tvsum" else 2
 
     def video_dim(self, name: str) -> int:
-        return self.dims.get(name, VIDEO_FEATURE_DIMS[name])
+        return self.dims.get(name, FEATURE_DIMS[name])
 
     def text_dim(self, name: str) -> int:
         return self.dims.get(name, TEXT_FEATURE_DIMS[name])
@@ -136,12 +137,7 @@ def _video_features(
     z = background + 0.5 * rng.standard_normal((n_clips, k)) / math.sqrt(k)
     for concept, strength in planted:
         z = z + cfg.signal * strength[:, None] * world.concepts[concept][None, :]
-    out = {}
-    for name, m in world.video_maps.items():
-        d = m.shape[1]
-        noise = rng.standard_normal((n_clips, d)) * (cfg.feature_noise / math.sqrt(d))
-        out[name] = (z @ m + noise).astype(np.float32)
-    return out
+    return _project(z, world.video_maps, cfg.feature_noise, rng)
 
 
 def _text_features(
@@ -156,11 +152,18 @@ def _text_features(
     jitter = 0.2 * rng.standard_normal((n_concept, k)) / math.sqrt(k)
     words[slots] = world.concepts[concept] + jitter
     words[-1] = words[:-1].mean(axis=0)
+    return _project(words, world.text_maps, cfg.feature_noise, rng)
+
+
+def _project(latent: np.ndarray, maps: dict[str, np.ndarray], feature_noise: float,
+             rng: np.random.Generator) -> dict[str, np.ndarray]:  # fmt: skip
+    """Per feature set (n, D): the (n, k) latent through the set's (k, D) map, plus noise of
+    total norm ~feature_noise per row."""
     out = {}
-    for name, m in world.text_maps.items():
+    for name, m in maps.items():
         d = m.shape[1]
-        noise = rng.standard_normal((n_tokens, d)) * (cfg.feature_noise / math.sqrt(d))
-        out[name] = (words @ m + noise).astype(np.float32)
+        noise = rng.standard_normal((len(latent), d)) * (feature_noise / math.sqrt(d))
+        out[name] = (latent @ m + noise).astype(np.float32)
     return out
 
 
@@ -461,7 +464,7 @@ def parse_dims(spec: str | None) -> dict[str, int]:
     out = {}
     for item in spec.split(","):
         name, _, value = item.partition("=")
-        if name not in VIDEO_FEATURE_DIMS and name not in TEXT_FEATURE_DIMS:
+        if name not in FEATURE_DIMS and name not in TEXT_FEATURE_DIMS:
             raise ValueError(f"--dims: unknown feature set {name!r}")
         out[name] = int(value)
         if name == "i3d" and out[name] % 2:

@@ -1,4 +1,4 @@
-"""Matching, span geometry and every VideoLights loss term."""
+"""Matching and every VideoLights loss term (span geometry is vl.spans)."""
 
 from vl.losses.criterion import SetCriterion, build_criterion
 from vl.losses.matcher import HungarianMatcher

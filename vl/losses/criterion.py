@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -11,10 +9,8 @@ from torch import nn
 from vl.config import LossConfig
 from vl.data.batch import Batch
 from vl.losses.matcher import HungarianMatcher
-from vl.losses.spans import cxw_to_xx, paired_giou
-
-if TYPE_CHECKING:  # the model imports vl.losses.spans; avoid an import cycle at run time
-    from vl.model.videolights import ModelOutput
+from vl.model.videolights import ModelOutput
+from vl.spans import cxw_to_xx, paired_giou
 
 RANKS = range(1, 12)  # saliency labels are 0..12; rank r asks "clips scored >= r beat the rest"
 

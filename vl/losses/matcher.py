@@ -7,7 +7,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
-from vl.losses.spans import cxw_to_xx, pairwise_iou_giou
+from vl.spans import cxw_to_xx, pairwise_iou_giou
 
 
 class HungarianMatcher(nn.Module):

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from vl.losses.spans import cxw_to_xx
+from vl.spans import cxw_to_xx
 
 
 class MomentToHighlight(nn.Module):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vl.losses.spans import inverse_sigmoid
 from vl.model.layers import (
     MLP,
     Attention,
@@ -16,6 +15,7 @@ from vl.model.layers import (
     merge_heads,
     split_heads,
 )
+from vl.spans import inverse_sigmoid
 
 
 class EncoderLayer(nn.Module):

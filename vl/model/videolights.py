@@ -10,13 +10,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from vl.config import ModelConfig
-from vl.losses.spans import inverse_sigmoid
 from vl.model.bicmf import BiCMF
 from vl.model.fra import FeatureRefinementAlignment
 from vl.model.layers import MLP, additive_mask, sine_positions
 from vl.model.mr2hd import MomentToHighlight
 from vl.model.projection import InputProjection
 from vl.model.transformer import AnchorDecoder, Encoder
+from vl.spans import inverse_sigmoid
 
 
 @dataclass

@@ -9,11 +9,12 @@ do; the job's `main` turns it into one stderr line and exit code 2.
 from __future__ import annotations
 
 import os
-import warnings
 from dataclasses import dataclass
 
 from vl.config import ConfigError, ExperimentConfig
-from vl.data.shards import ShardManifest, filesystem, is_remote, read_manifest
+from vl.data.shards import ShardManifest, read_manifest
+from vl.storage import filesystem, is_remote
+from vl.tracking import TrackingServerUnavailableError, check_tracking_server
 
 EXIT_BAD_INPUT = 2
 
@@ -54,17 +55,6 @@ def require_manifest(uri: str, role: str) -> ShardManifest:
         raise PreflightError(f"cannot read the {role} shard manifest at {uri}: {err}") from None
 
 
-def _dims(manifest: ShardManifest, wanted: list[str], modality: str, uri: str) -> int:
-    stored = {f.name: f.dim for f in getattr(manifest, f"{modality}_features")}
-    missing = [w for w in wanted if w not in stored]
-    if missing:
-        raise PreflightError(
-            f"{uri}: {modality} feature sets {missing} are not in the shards (they hold "
-            f"{sorted(stored)}); fix data.{modality}_features"
-        )
-    return sum(stored[w] for w in wanted)
-
-
 def check_data(cfg: ExperimentConfig) -> DataShape:
     """Both shard sets exist, hold the configured dataset and feature sets, and agree."""
     d = cfg.data
@@ -78,8 +68,10 @@ def check_data(cfg: ExperimentConfig) -> DataShape:
             )
     dims = []
     for uri, m in ((d.train, train), (d.val, val)):
-        dims.append((_dims(m, d.video_features, "video", uri), _dims(m, d.text_features, "text",
-                                                                      uri)))
+        try:
+            dims.append(m.input_widths(d.video_features, d.text_features))
+        except ValueError as err:
+            raise PreflightError(f"{uri}: {err}") from None
     if dims[0] != dims[1]:
         raise PreflightError(
             f"train and val shards differ in feature dims ({dims[0]} vs {dims[1]}); "
@@ -126,10 +118,6 @@ def check_storage(storage: str) -> None:
 
 def check_tracking() -> None:
     """MLFLOW_TRACKING_URI is set and its server answers."""
-    with warnings.catch_warnings():  # mlflow.pyfunc warns about type hints at import
-        warnings.simplefilter("ignore", UserWarning)
-        from vl.tracking import TrackingServerUnavailableError, check_tracking_server
-
     uri = os.environ.get("MLFLOW_TRACKING_URI", "")
     if not uri:
         raise PreflightError(

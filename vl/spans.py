@@ -11,12 +11,6 @@ def cxw_to_xx(spans: torch.Tensor) -> torch.Tensor:
     return torch.stack([center - 0.5 * width, center + 0.5 * width], dim=-1)
 
 
-def xx_to_cxw(spans: torch.Tensor) -> torch.Tensor:
-    """(..., 2) (start, end) -> (..., 2) (center, width)."""
-    start, end = spans.unbind(-1)
-    return torch.stack([(start + end) * 0.5, end - start], dim=-1)
-
-
 def pairwise_iou_giou(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """IoU and GIoU between every span of `a` (..., N, 2) and `b` (..., M, 2), both (start, end).
 
