@@ -51,6 +51,7 @@ from vl.model import build_model
 TODAY = [
     "model.align_video=fra", "model.negative_fra=false", "model.decoder_memory=global_and_clips",
     "model.text_pos_std=1.0", "loss.label_reduction=weight_sum", "loss.sal_align_coef=0",
+    "model.bicmf_norm=branch", "model.fra_output=plain",
 ]
 VARIANTS: dict[str, list[str]] = {
     "full": [],
@@ -61,8 +62,14 @@ VARIANTS: dict[str, list[str]] = {
     "global_in_decoder": ["model.decoder_memory=global_and_clips"],
     "large_text_pos": ["model.text_pos_std=1.0"],
     "weight_sum_ce": ["loss.label_reduction=weight_sum"],
+    "branch_norm_bicmf": ["model.bicmf_norm=branch"],
     "no_sal_align": ["loss.sal_align_coef=0"],
     "sal_align": ["loss.sal_align_coef=1"],
+    "global_std1": ["model.global_token_std=1.0"],
+    "no_clip": ["train.grad_clip=0"],
+    "no_negative_pass": ["model.negative_pass=false"],
+    "fra_residual": ["model.fra_output=residual"],
+    "plain_fra": ["model.fra_output=plain"],
     # the paper's Table 4 ablations
     "without_fra": ["model.fra=false"],
     "without_bicmf": ["model.bicmf_layers=0"],

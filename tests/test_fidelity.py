@@ -14,6 +14,8 @@ from vl.config import TVSUM_TABLE7, ExperimentConfig
 from vl.engine import forward
 from vl.losses import build_criterion
 from vl.model import build_model
+from vl.model.bicmf import BiCMFLayer
+from vl.model.layers import additive_mask
 
 torch.set_num_threads(1)
 
@@ -163,3 +165,45 @@ def test_reference_script_preset_trains_the_scripts_objective(dataset, cal):
     lo = cfg.loss
     assert cfg.model.span_nce and lo.span_nce_coef == cal and lo.sal_align_coef == cal
     assert lo.al_coef == 0  # the symmetric loss is dead code in the scripts
+
+
+def _across_clips(x: torch.Tensor) -> float:
+    return float((x - x.mean(1, keepdim=True)).pow(2).mean().sqrt())
+
+
+def test_bicmf_post_norm_keeps_the_clips_apart():
+    """With the attention branch normalised before the sum (Algorithm 2 as printed), its
+    unit-scale output swamps clips arriving at FRA's scale and every clip leaves alike."""
+    assert ExperimentConfig.from_preset("paper").model.bicmf_norm == "post"
+    torch.manual_seed(0)
+    B, Lv, Lq, d = 4, 30, 12, 64
+    video = 0.14 * torch.randn(B, Lv, d)  # FRA's output scale
+    text = torch.randn(B, Lq, d)
+    vmask = additive_mask(torch.ones(B, Lv, dtype=torch.bool), video.dtype)
+    tmask = additive_mask(torch.ones(B, Lq, dtype=torch.bool), video.dtype)
+    kept = {}
+    for norm in ("post", "branch"):
+        torch.manual_seed(1)
+        layer = BiCMFLayer(d, 4, 128, 0.0, 0.0, norm).eval()
+        for p in layer.parameters():
+            if p.dim() > 1:
+                torch.nn.init.xavier_uniform_(p)
+        with torch.no_grad():
+            out, _ = layer(video, text, vmask, tmask, torch.zeros_like(video), 0.0)
+        kept[norm] = _across_clips(out) / float(out.pow(2).mean().sqrt())
+    assert kept["post"] > 2 * kept["branch"]
+
+
+def test_fra_output_is_normalised_per_clip():
+    cfg = tiny_config()
+    model = build_model(cfg.model).eval()
+    batch = tiny_batch(cfg, batch_size=3, clips=12)
+    batch.video_mask[0, 8:] = 0
+    with torch.no_grad():
+        out = forward(model, batch).refined_video  # (B, Lv, d)
+    valid = batch.video_mask.bool()
+    torch.testing.assert_close(out[valid].mean(-1), torch.zeros(int(valid.sum())), atol=1e-4,
+                               rtol=0)
+    torch.testing.assert_close(out[valid].std(-1, unbiased=False), torch.ones(int(valid.sum())),
+                               atol=1e-2, rtol=0)
+    assert float(out[~valid].abs().max()) == 0.0

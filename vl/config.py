@@ -33,6 +33,8 @@ DATASETS = ("qvhighlights", "charades", "tvsum", "pretrain")
 TVSUM_DOMAINS = ("BK", "BT", "DS", "FM", "GA", "MS", "PK", "PR", "VT", "VU")
 TEF_DIMS = 2  # temporal endpoint features (i/L, (i+1)/L) appended to every clip
 ALIGN_VIDEO = ("projection", "fra")
+BICMF_NORMS = ("post", "branch")
+FRA_OUTPUTS = ("norm", "plain", "residual")
 DECODER_MEMORY = ("clips", "global_and_clips")
 LABEL_REDUCTIONS = ("mean", "weight_sum")
 
@@ -64,6 +66,9 @@ class ModelConfig:
     span_nce: bool = False  # Moment-DETR span-token NCE: an optional extra, off (6c.4)
     mr2hd: bool = True  # Uni-JFM MR->HD GRU branch
     fra: bool = True  # Feature Refinement and Alignment; off = the paper's "without FRA" ablation
+    # FRA's output: "norm" = LayerNorm(FRA(V)) (default: the clips reach Bi-CMF at the scale of
+    # its attention branches); "plain" = the paper's formula as is; "residual" = V + FRA(V).
+    fra_output: str = "norm"
     negative_pass: bool = True  # mismatched-query pass for the negative saliency
     # The mismatched pass refines the clips with its own (rolled) query; False reuses the FRA
     # output of the matching query, whose clips then carry the true query (docs/FIDELITY.md, 5).
@@ -74,6 +79,10 @@ class ModelConfig:
     # The decoder cross-attends to "clips" (as the reference) or "global_and_clips" (3).
     decoder_memory: str = "clips"
     text_pos_std: float = 0.02  # init std of the learned text positions (1.0 = nn.Embedding's)
+    global_token_std: float = 0.02  # init std of the global token and its position (ref: 1.0)
+    # Bi-CMF's first two stages: "post" = norm(x + branch) (the reference, post-norm
+    # transformers); "branch" = x + norm(branch) (Algorithm 2 as printed; see BiCMFLayer).
+    bicmf_norm: str = "post"
 
     @property
     def video_input_dim(self) -> int:
@@ -287,6 +296,8 @@ class ExperimentConfig:
         if t.grad_clip < 0:
             raise bad("train.grad_clip", f"must be >= 0 (0 disables), got {t.grad_clip}")
         choices = {"model.align_video": (m.align_video, ALIGN_VIDEO),
+                   "model.bicmf_norm": (m.bicmf_norm, BICMF_NORMS),
+                   "model.fra_output": (m.fra_output, FRA_OUTPUTS),
                    "model.decoder_memory": (m.decoder_memory, DECODER_MEMORY),
                    "loss.label_reduction": (lo.label_reduction, LABEL_REDUCTIONS)}
         for key, (value, allowed) in choices.items():

@@ -21,12 +21,14 @@ class FeatureRefinementAlignment(nn.Module):
     and S_v (the pooled sentence broadcast to every clip) carry the global alignment.
     """
 
-    def __init__(self, dim: int, dropout: float) -> None:
+    def __init__(self, dim: int, dropout: float, output: str = "plain") -> None:
         super().__init__()
+        self.output = output
         self.pool_weight = nn.Linear(dim, 1, bias=False)  # attention pooling of the words
         self.sim_expand = nn.Parameter(torch.empty(dim))  # cosine scalar -> d
         self.fuse = nn.Linear(4 * dim, dim)  # Conv1d(4d -> d, kernel 1)
         self.dropout = Dropout(dropout)
+        self.norm = nn.LayerNorm(dim) if output == "norm" else None
         nn.init.normal_(self.sim_expand, std=1.0 / math.sqrt(dim))
 
     def sentence(self, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
@@ -54,5 +56,9 @@ class FeatureRefinementAlignment(nn.Module):
         v_s = v_s[..., None] * self.sim_expand  # (B, Lv, d)
         s_v = self.dropout(s)[:, None, :].expand(-1, video.shape[1], d)
         fused = torch.cat((self.dropout(video), v_q, v_s, s_v), dim=-1)  # (B, Lv, 4d)
-        out = self.dropout(F.relu(self.fuse(fused)))
+        out = self.dropout(F.relu(self.fuse(fused)))  # (B, Lv, d)
+        if self.output == "residual":
+            out = video + out
+        elif self.output == "norm":
+            out = self.norm(out)
         return out * video_mask[..., None]

@@ -58,13 +58,13 @@ class VideoLights(nn.Module):
         self.text_proj = InputProjection(
             cfg.text_dim, d, cfg.n_input_proj, cfg.input_dropout, cfg.proj_kernel_size
         )
-        self.fra = FeatureRefinementAlignment(d, cfg.dropout) if cfg.fra else None
+        self.fra = FeatureRefinementAlignment(d, cfg.dropout, cfg.fra_output) if cfg.fra else None
         self.text_pos = nn.Embedding(cfg.max_q_l, d)
         nn.init.normal_(self.text_pos.weight, std=cfg.text_pos_std)
         ffn, drop, adrop = cfg.dim_feedforward, cfg.dropout, cfg.attention_dropout
-        self.bicmf = BiCMF(cfg.bicmf_layers, d, cfg.nheads, ffn, drop, adrop)
-        self.global_token = nn.Parameter(torch.randn(d) * 0.02)
-        self.global_pos = nn.Parameter(torch.randn(d) * 0.02)
+        self.bicmf = BiCMF(cfg.bicmf_layers, d, cfg.nheads, ffn, drop, adrop, cfg.bicmf_norm)
+        self.global_token = nn.Parameter(torch.randn(d) * cfg.global_token_std)
+        self.global_pos = nn.Parameter(torch.randn(d) * cfg.global_token_std)
         self.encoder = Encoder(cfg.enc_layers, d, cfg.nheads, ffn, drop, adrop)
         self.anchors = nn.Embedding(cfg.num_queries, 2)
         self.decoder = AnchorDecoder(cfg.dec_layers, d, cfg.nheads, ffn, drop, adrop)
