@@ -509,8 +509,6 @@ def best_checkpoint(result, selection_metric: str):
 
 def finalize(plan: JobPlan, run_id: str, result) -> dict[str, Any]:
     """Final metrics and best predictions into the run; register the best checkpoint."""
-    # save_model warns that a PythonModel object is cloudpickled: it is our own class, on purpose
-    logging.getLogger("mlflow.pyfunc").setLevel(logging.ERROR)
     ckpt, metrics = best_checkpoint(result, plan.selection_metric)
     summary: dict[str, Any] = {"run_name": plan.name, "mlflow_run_id": run_id,
                                "checkpoints": plan.run_uri}

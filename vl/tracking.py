@@ -181,9 +181,11 @@ def register_version(
     metric_name: str,
     metric_value: float,
     higher_is_better: bool = True,
+    model_id: str | None = None,
 ) -> tuple[str, bool]:
-    """Register the model at `source` (an artifact URI of `run_id`) as a new version, and move
-    the `champion` alias to it only if it beats the current champion on `metric_name`.
+    """Register the model at `source` (an artifact URI of `run_id`, or `models:/<model_id>`
+    of the run's LoggedModel `model_id`, which the server then requires) as a new version, and
+    move the `champion` alias to it only if it beats the current champion on `metric_name`.
 
     A champion without a comparable tag (other metric, or none) is replaced. Returns
     (version, champion?).
@@ -199,6 +201,7 @@ def register_version(
         source=source,
         run_id=run_id,
         tags={SELECTION_METRIC_TAG: metric_name, SELECTION_VALUE_TAG: repr(float(metric_value))},
+        model_id=model_id,
     ).version
     try:
         champion = client.get_model_version_by_alias(registered_name, CHAMPION_ALIAS)
