@@ -24,6 +24,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from mlflow.tracking import MlflowClient
 
 from cluster.local.common import free_port, quiet_env, wait_for
@@ -76,14 +77,44 @@ def test_check_tracking_server_fails_fast_when_nothing_listens():
     assert uri in str(err.value) and "MLFLOW_TRACKING_URI" in str(err.value)
 
 
-def test_plots_draw_curves_spans_and_saliency():
-    history = {"loss_total": [(0, 2.0), (1, 1.0)], "val/MR-full-mAP": [(0, 10.0), (1, 20.0)]}
+def test_curves_group_loss_terms_in_panels_with_legends_beside_them():
+    """One panel per group of terms (the aux decoder layers' copies left out), colour per term
+    and style per split, log scale only where the values span far, every legend to the right
+    of its panel and inside the figure."""
+    history = {}
+    for split in ("train", "val"):
+        history[f"{split}_loss"] = [(0, 9.0), (1, 4.0)]
+        for term in ("span", "giou", "span_0", "saliency", "margin", "sym", "tc", "new_term"):
+            history[f"{split}_loss_{term}"] = [(0, 0.5), (1, 0.4)]
+    history["train_loss_hard_pos"] = [(0, 1.0), (1, 0.001)]  # spans 1000x: its panel goes log
+    history["MR-full-R1_at_0.5"] = [(0, 10.0), (1, float("nan")), (2, 20.0)]
     fig = figures.plot_curves(history)
-    loss_ax, metric_ax = fig.axes
-    assert [line.get_label() for line in loss_ax.get_lines()] == ["loss_total"]
-    assert loss_ax.get_yscale() == "log"
-    assert list(metric_ax.get_lines()[0].get_ydata()) == [10.0, 20.0]
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    panels = {ax.get_title(loc="left"): ax for ax in fig.axes if ax.get_title(loc="left")}
 
+    def legend(title: str) -> list[str]:
+        return [text.get_text() for text in panels[title].get_legend().get_texts()]
+
+    assert legend("total loss") == ["train", "val"]
+    assert legend("moment retrieval (MR) losses") == ["span", "giou"]
+    assert legend("highlight detection (HD) losses") == ["saliency", "margin", "hard_pos"]
+    assert legend("alignment / coupling losses") == ["sym", "tc"]
+    assert legend("other losses") == ["new_term"]
+    assert legend("evaluation metrics") == ["MR-full-R1_at_0.5"]
+    assert len(panels) == 6
+    mr = panels["moment retrieval (MR) losses"]
+    assert len(mr.get_lines()) == 4 and {ln.get_linestyle() for ln in mr.get_lines()} == {"-", "--"}
+    assert panels["highlight detection (HD) losses"].get_yscale() == "log"
+    assert mr.get_yscale() == "linear"
+    assert list(panels["evaluation metrics"].get_lines()[0].get_ydata()) == [10.0, 20.0]
+    for ax in panels.values():
+        box, axes_box = ax.get_legend().get_window_extent(renderer), ax.get_window_extent(renderer)
+        assert box.x0 >= axes_box.x1 and box.x1 <= fig.bbox.x1, ax.get_title(loc="left")
+
+
+def test_plots_draw_spans_and_saliency():
     rows = [
         {"qid": 1, "pred_relevant_windows": [[0, 4, 0.2], [2, 6, 0.9]],
          "pred_saliency_scores": [0.1, 0.5, 0.9]},

@@ -13,14 +13,17 @@ import re
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import mlflow
-from mlflow.entities import Metric, Param
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
 from mlflow.exceptions import MlflowException
+from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -157,6 +160,38 @@ def log_epoch(run_id: str, epoch: int, metrics: Mapping[str, float]) -> None:
     client = MlflowClient()
     for start in range(0, len(entries), 1000):  # MLflow's per-batch metric limit
         client.log_batch(run_id, metrics=entries[start : start + 1000])
+
+
+def log_dataset(run_id: str, name: str, digest: str, uri: str, context: str,
+                profile: Mapping[str, Any] | None = None) -> None:
+    """Record a data set the run reads as an MLflow dataset input (the run page's "Datasets"),
+    tagged with its `context` ("training", "validation"). Logging the same (name, digest)
+    again, as a resumed run does, adds nothing."""
+    dataset = Dataset(name=name, digest=digest,
+                      source_type="s3" if uri.startswith("s3://") else "local",
+                      source=json.dumps({"uri": uri}),
+                      profile=json.dumps(dict(profile)) if profile else None)  # fmt: skip
+    MlflowClient().log_inputs(run_id, datasets=[
+        DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])])
+
+
+@contextmanager
+def system_metrics(run_id: str, sampling_interval_s: float = 5.0) -> Iterator[None]:
+    """Log this node's CPU, memory, disk and network (and GPU, where present) as `system/*`
+    metrics of the run while the block runs.
+
+    MLflow starts this monitor by itself only for runs it starts fluently
+    (`log_system_metrics=True`); these runs are opened by id, so the monitor runs here. A
+    resumed run continues its step count; MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides
+    the interval.
+    """
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=sampling_interval_s,
+                                   resume_logging=True)  # fmt: skip
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()
 
 
 # ---- figures and the registry ---------------------------------------------------------------
