@@ -16,6 +16,7 @@ import sys
 import time
 import urllib.request
 import uuid
+from pathlib import Path
 
 import mlflow.artifacts
 import mlflow.pyfunc
@@ -25,6 +26,7 @@ import pytest
 import torch
 import yaml
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from cluster.local.common import free_port, quiet_env, wait_for
@@ -33,6 +35,7 @@ from vl.config import ExperimentConfig
 from vl.data.batch import Batch
 from vl.engine import predict_rows
 from vl.model import build_model
+from vl.serving import make_batch
 
 
 def _name(prefix: str) -> str:
@@ -274,28 +277,43 @@ class _Planted:
         return (open, (self.marker, "w"))
 
 
-def test_registered_model_is_code_not_a_pickle(mlflow_env, tmp_path):
+def test_registered_model_is_code_not_a_pickle(mlflow_env, tmp_path, monkeypatch):
     """The model directory holds the code file MLflow runs, no pickled python_model; a pickle
-    planted where the cloudpickle format keeps one is never read. The model is a READY
-    LoggedModel named in its run's outputs, with a signature that declares `batch_size`."""
+    planted where the cloudpickle format keeps one is never read, and with
+    MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false an MLmodel rewritten to name it is refused. The
+    model is a READY LoggedModel named in its run's outputs, and its signature declares
+    `batch_size` (MLflow drops an undeclared param)."""
     name, run_id, cfg = _register_tiny(tmp_path, "code")
-    local = mlflow.artifacts.download_artifacts(f"models:/{name}@champion",
-                                                dst_path=str(tmp_path / "dl"))
-    files = {str(p.relative_to(local)) for p in (tmp_path / "dl").rglob("*") if p.is_file()}
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}@champion",
+                                                     dst_path=str(tmp_path / "dl")))
+    files = {str(p.relative_to(local)) for p in local.rglob("*") if p.is_file()}
     assert "python_model.pkl" not in files and "served_model.py" in files
-    mlmodel = yaml.safe_load((tmp_path / "dl" / "MLmodel").read_text())
+    mlmodel = yaml.safe_load((local / "MLmodel").read_text())
     flavor = mlmodel["flavors"]["python_function"]
     assert flavor["loader_module"] == "mlflow.pyfunc.loaders.code_model"
     assert flavor["model_code_path"].endswith("served_model.py")
     assert "python_model" not in flavor
 
     marker = tmp_path / "pickle-ran"
-    (tmp_path / "dl" / "python_model.pkl").write_bytes(pickle.dumps(_Planted(str(marker))))
-    model = mlflow.pyfunc.load_model(local)
+    (local / "python_model.pkl").write_bytes(pickle.dumps(_Planted(str(marker))))
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
+    model = mlflow.pyfunc.load_model(str(local))
     assert model.unwrap_python_model().cfg.model.hidden_dim == cfg.model.hidden_dim
-    example = serving.input_example(cfg)
-    (row,) = model.predict(example, params={"batch_size": 1})
-    assert row["qid"] == 0 and type(row["qid"]) is int  # JSON-ready, not a numpy int
+    batches = []
+    monkeypatch.setattr(serving, "make_batch", lambda *a, **k: batches.append(1) or
+                        make_batch(*a, **k))  # fmt: skip
+    two = {k: v * 2 for k, v in serving.input_example(cfg).items()}
+    rows = model.predict(two, params={"batch_size": 1})
+    assert len(batches) == 2  # batch_size reached predict
+    assert rows[0]["qid"] == 0 and type(rows[0]["qid"]) is int  # JSON-ready, not a numpy int
+    assert not marker.exists()
+
+    # The same folder with its MLmodel pointed at the pickle (the cloudpickle format): refused.
+    flavor.pop("model_code_path")
+    flavor.update(loader_module="mlflow.pyfunc.model", python_model="python_model.pkl")
+    (local / "MLmodel").write_text(yaml.safe_dump(mlmodel))
+    with pytest.raises(MlflowException, match="pickle is disallowed"):
+        mlflow.pyfunc.load_model(str(local))
     assert not marker.exists()
 
     client = MlflowClient()
