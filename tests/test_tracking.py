@@ -323,6 +323,8 @@ def test_registered_model_is_code_not_a_pickle(mlflow_env, tmp_path, monkeypatch
     assert logged.source_run_id == run_id and str(logged.status) == "READY"
     outputs = client.get_run(run_id).outputs.model_outputs
     assert [o.model_id for o in outputs] == [logged.model_id]
+    by_run = mlflow.pyfunc.load_model(f"runs:/{run_id}/{serving.MODEL_NAME}")  # jobs.predict's form
+    assert by_run.metadata.model_id == logged.model_id
     params = model.metadata.get_params_schema()
     assert [p.name for p in params.params] == ["batch_size"]
     assert model.metadata.metadata[serving.FEATURES_METADATA]["video"]
