@@ -1,4 +1,5 @@
-"""MLflow runs, params, metrics, figures as artifacts, and the model registry.
+"""MLflow runs, params, metrics, dataset inputs, system metrics, figures as artifacts, and
+the model registry.
 
 Everything goes through an explicit `run_id` and `MlflowClient` rather than MLflow's fluent
 "active run": the job resumes runs after failures and must never end (or start) a run as a side
