@@ -105,7 +105,7 @@ def save_model(root: Path, clip: Path) -> Path:
     torch.save({"model": build_model(cfg.model).state_dict(), "config": cfg.to_dict()}, ckpt)
     recipe = recipe_from_config(cfg.to_dict(), models={"clip": str(clip)})
     path = root / "pyfunc"
-    mlflow.pyfunc.save_model(path=str(path), python_model=serving.VideoLightsPyfunc(),
+    mlflow.pyfunc.save_model(path=str(path), python_model=str(serving.MODEL_CODE),
                              artifacts={CHECKPOINT_ARTIFACT: str(ckpt)},
                              metadata={serving.FEATURES_METADATA: recipe.to_dict()})
     return path

@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from jobs.errors import PreflightError
 from jobs.extract import FEATURE_DIRS, SETTINGS_FILE, feature_uri, finished, read_npz
 from jobs.predict import make_answerer, open_model, write_rows
+from jobs.preflight import PreflightError
 from jobs.video_library import (
     DECODE_REMOTE_ARGS,
     Progress,

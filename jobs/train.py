@@ -15,6 +15,7 @@ the same. The MLflow run is found again by its `vl.run_name` tag, so a resume ne
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import math
@@ -62,6 +63,7 @@ from vl.checkpoint import (
 )
 from vl.config import ConfigError, ExperimentConfig
 from vl.data.dataset import make_loader, read_annotations
+from vl.data.shards import ShardManifest, read_manifest
 from vl.engine import build_optimizer, evaluate, train_one_epoch, unwrap
 from vl.losses import build_criterion
 from vl.model import build_model
@@ -509,8 +511,6 @@ def best_checkpoint(result, selection_metric: str):
 
 def finalize(plan: JobPlan, run_id: str, result) -> dict[str, Any]:
     """Final metrics and best predictions into the run; register the best checkpoint."""
-    # save_model warns that a PythonModel object is cloudpickled: it is our own class, on purpose
-    logging.getLogger("mlflow.pyfunc").setLevel(logging.ERROR)
     ckpt, metrics = best_checkpoint(result, plan.selection_metric)
     summary: dict[str, Any] = {"run_name": plan.name, "mlflow_run_id": run_id,
                                "checkpoints": plan.run_uri}
@@ -542,6 +542,27 @@ def finalize(plan: JobPlan, run_id: str, result) -> dict[str, Any]:
     return summary
 
 
+def manifest_digest(manifest: ShardManifest) -> str:
+    """The data a shard set holds, by content: its shards' checksums and row counts and its
+    feature sets (not the manifest's write time), so re-sharding the same data keeps it."""
+    features = manifest.video_features + manifest.text_features
+    content = {"dataset": manifest.dataset, "features": [[f.name, f.dim] for f in features],
+               "shards": sorted([s.path, s.sha256, s.num_rows] for s in manifest.shards)}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def log_training_data(run_id: str, cfg: ExperimentConfig) -> None:
+    """The train and val shard sets as the run's dataset inputs, digests from their manifests."""
+    for context, uri in (("training", cfg.data.train), ("validation", cfg.data.val)):
+        manifest = read_manifest(uri)
+        tracking.log_dataset(
+            run_id, name=f"{manifest.dataset}-{context}", digest=manifest_digest(manifest),
+            uri=uri, context=context,
+            profile={"num_rows": manifest.num_rows, "num_shards": len(manifest.shards),
+                     "video_features": [f.name for f in manifest.video_features],
+                     "text_features": [f.name for f in manifest.text_features]})  # fmt: skip
+
+
 def run(plan: JobPlan) -> dict[str, Any]:
     """Open the MLflow run, train under Ray, finalize. Raises on a failed training."""
     run_id = tracking.start_or_resume_run(plan.experiment, plan.name)
@@ -549,6 +570,7 @@ def run(plan: JobPlan) -> dict[str, Any]:
         "storage": plan.storage, "run_name": plan.name, "selection_metric": plan.selection_metric,
         "num_train": plan.num_train, "num_val": plan.num_val}})
     MlflowClient().set_tag(run_id, "vl.checkpoints", plan.run_uri)
+    log_training_data(run_id, plan.cfg)
     for note in plan.notes:
         print(f"note: {note}", flush=True)
     print(f"run {plan.name}: MLflow run {run_id} (experiment {plan.experiment!r}), "
@@ -561,7 +583,8 @@ def run(plan: JobPlan) -> dict[str, Any]:
         print("note: the config asks for GPU workers but the cluster has no GPU; "
               "training on CPU (gloo)", flush=True)
     try:
-        result = build_trainer(plan, run_id, use_gpu).fit()
+        with tracking.system_metrics(run_id):
+            result = build_trainer(plan, run_id, use_gpu).fit()
     except (TrainingFailedError, KeyboardInterrupt):
         tracking.finish_run(run_id, "FAILED")
         raise

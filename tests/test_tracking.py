@@ -7,22 +7,35 @@ good as the server's search and registry semantics.
 
 from __future__ import annotations
 
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
 import time
+import urllib.request
 import uuid
+from pathlib import Path
 
+import mlflow.artifacts
 import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from cluster.local.common import free_port
+from cluster.local.common import free_port, quiet_env, wait_for
 from vl import figures, serving, tracking
 from vl.config import ExperimentConfig
 from vl.data.batch import Batch
 from vl.engine import predict_rows
 from vl.model import build_model
+from vl.serving import make_batch
 
 
 def _name(prefix: str) -> str:
@@ -67,14 +80,44 @@ def test_check_tracking_server_fails_fast_when_nothing_listens():
     assert uri in str(err.value) and "MLFLOW_TRACKING_URI" in str(err.value)
 
 
-def test_plots_draw_curves_spans_and_saliency():
-    history = {"loss_total": [(0, 2.0), (1, 1.0)], "val/MR-full-mAP": [(0, 10.0), (1, 20.0)]}
+def test_curves_group_loss_terms_in_panels_with_legends_beside_them():
+    """One panel per group of terms (the aux decoder layers' copies left out), colour per term
+    and style per split, log scale only where the values span far, every legend to the right
+    of its panel and inside the figure."""
+    history = {}
+    for split in ("train", "val"):
+        history[f"{split}_loss"] = [(0, 9.0), (1, 4.0)]
+        for term in ("span", "giou", "span_0", "saliency", "margin", "sym", "tc", "new_term"):
+            history[f"{split}_loss_{term}"] = [(0, 0.5), (1, 0.4)]
+    history["train_loss_hard_pos"] = [(0, 1.0), (1, 0.001)]  # spans 1000x: its panel goes log
+    history["MR-full-R1_at_0.5"] = [(0, 10.0), (1, float("nan")), (2, 20.0)]
     fig = figures.plot_curves(history)
-    loss_ax, metric_ax = fig.axes
-    assert [line.get_label() for line in loss_ax.get_lines()] == ["loss_total"]
-    assert loss_ax.get_yscale() == "log"
-    assert list(metric_ax.get_lines()[0].get_ydata()) == [10.0, 20.0]
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    panels = {ax.get_title(loc="left"): ax for ax in fig.axes if ax.get_title(loc="left")}
 
+    def legend(title: str) -> list[str]:
+        return [text.get_text() for text in panels[title].get_legend().get_texts()]
+
+    assert legend("total loss") == ["train", "val"]
+    assert legend("moment retrieval (MR) losses") == ["span", "giou"]
+    assert legend("highlight detection (HD) losses") == ["saliency", "margin", "hard_pos"]
+    assert legend("alignment / coupling losses") == ["sym", "tc"]
+    assert legend("other losses") == ["new_term"]
+    assert legend("evaluation metrics") == ["MR-full-R1_at_0.5"]
+    assert len(panels) == 6
+    mr = panels["moment retrieval (MR) losses"]
+    assert len(mr.get_lines()) == 4 and {ln.get_linestyle() for ln in mr.get_lines()} == {"-", "--"}
+    assert panels["highlight detection (HD) losses"].get_yscale() == "log"
+    assert mr.get_yscale() == "linear"
+    assert list(panels["evaluation metrics"].get_lines()[0].get_ydata()) == [10.0, 20.0]
+    for ax in panels.values():
+        box, axes_box = ax.get_legend().get_window_extent(renderer), ax.get_window_extent(renderer)
+        assert box.x0 >= axes_box.x1 and box.x1 <= fig.bbox.x1, ax.get_title(loc="left")
+
+
+def test_plots_draw_spans_and_saliency():
     rows = [
         {"qid": 1, "pred_relevant_windows": [[0, 4, 0.2], [2, 6, 0.9]],
          "pred_saliency_scores": [0.1, 0.5, 0.9]},
@@ -209,3 +252,129 @@ def test_pyfunc_roundtrip(mlflow_env, tmp_path):
 
     with pytest.raises(ValueError, match="sample 0: video_features"):
         served.predict({"video_features": [np.zeros((3, dv + 1))], "text_features": texts[:1]})
+
+
+# ---- the registered model: models from code, a LoggedModel of its run -----------------------
+def _register_tiny(tmp_path, tag: str) -> tuple[str, str, ExperimentConfig]:
+    """(registered name, run id, config) of a tiny random model registered as champion."""
+    torch.manual_seed(0)
+    cfg = ExperimentConfig.from_preset("tiny")
+    ckpt = tmp_path / "checkpoint.pt"
+    torch.save({"model": build_model(cfg.model).state_dict(), "config": cfg.to_dict()}, ckpt)
+    run_id = tracking.start_or_resume_run(_name("exp"), tag)
+    name = _name(f"vl-{tag}")
+    serving.log_and_register_model(run_id, ckpt, name, "MR-full-mAP", 1.0)
+    return name, run_id, cfg
+
+
+class _Planted:
+    """Unpickling this creates the file at `marker`: a stand-in for code in a pickle."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_registered_model_is_code_not_a_pickle(mlflow_env, tmp_path, monkeypatch):
+    """The model directory holds the code file MLflow runs, no pickled python_model; a pickle
+    planted where the cloudpickle format keeps one is never read, and with
+    MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false an MLmodel rewritten to name it is refused. The
+    model is a READY LoggedModel named in its run's outputs, and its signature declares
+    `batch_size` (MLflow drops an undeclared param)."""
+    name, run_id, cfg = _register_tiny(tmp_path, "code")
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}@champion",
+                                                     dst_path=str(tmp_path / "dl")))
+    files = {str(p.relative_to(local)) for p in local.rglob("*") if p.is_file()}
+    assert "python_model.pkl" not in files and "served_model.py" in files
+    mlmodel = yaml.safe_load((local / "MLmodel").read_text())
+    flavor = mlmodel["flavors"]["python_function"]
+    assert flavor["loader_module"] == "mlflow.pyfunc.loaders.code_model"
+    assert flavor["model_code_path"].endswith("served_model.py")
+    assert "python_model" not in flavor
+
+    marker = tmp_path / "pickle-ran"
+    (local / "python_model.pkl").write_bytes(pickle.dumps(_Planted(str(marker))))
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
+    model = mlflow.pyfunc.load_model(str(local))
+    assert model.unwrap_python_model().cfg.model.hidden_dim == cfg.model.hidden_dim
+    batches = []
+    monkeypatch.setattr(serving, "make_batch", lambda *a, **k: batches.append(1) or
+                        make_batch(*a, **k))  # fmt: skip
+    two = {k: v * 2 for k, v in serving.input_example(cfg).items()}
+    rows = model.predict(two, params={"batch_size": 1})
+    assert len(batches) == 2  # batch_size reached predict
+    assert rows[0]["qid"] == 0 and type(rows[0]["qid"]) is int  # JSON-ready, not a numpy int
+    assert not marker.exists()
+
+    # The same folder with its MLmodel pointed at the pickle (the cloudpickle format): refused.
+    flavor.pop("model_code_path")
+    flavor.update(loader_module="mlflow.pyfunc.model", python_model="python_model.pkl")
+    (local / "MLmodel").write_text(yaml.safe_dump(mlmodel))
+    with pytest.raises(MlflowException, match="pickle is disallowed"):
+        mlflow.pyfunc.load_model(str(local))
+    assert not marker.exists()
+
+    client = MlflowClient()
+    version = client.get_model_version_by_alias(name, tracking.CHAMPION_ALIAS)
+    assert version.source.startswith("models:/m-")  # the LoggedModel, not a run's folder
+    logged = client.get_logged_model(version.source.removeprefix("models:/"))
+    assert logged.source_run_id == run_id and str(logged.status) == "READY"
+    outputs = client.get_run(run_id).outputs.model_outputs
+    assert [o.model_id for o in outputs] == [logged.model_id]
+    by_run = mlflow.pyfunc.load_model(f"runs:/{run_id}/{serving.MODEL_NAME}")  # jobs.predict's form
+    assert by_run.metadata.model_id == logged.model_id
+    params = model.metadata.get_params_schema()
+    assert [p.name for p in params.params] == ["batch_size"]
+    assert model.metadata.metadata[serving.FEATURES_METADATA]["video"]
+    assert client.get_run(run_id).info.status == "RUNNING"
+
+
+def test_mlflow_models_serve_answers_invocations(mlflow_env, tmp_path):
+    """`mlflow models serve -m models:/NAME@champion` (a real process on loopback) answers
+    /invocations with the official rows the in-process model gives."""
+    name, _, cfg = _register_tiny(tmp_path, "mserve")
+    port = free_port()
+    # the CLI execs `uvicorn`, found on PATH as in an activated venv
+    path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+    with open(tmp_path / "serve.log", "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{name}@champion",
+             "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+            env=quiet_env({"PATH": path}), stdout=subprocess.DEVNULL, stderr=log,
+            start_new_session=True,
+        )  # fmt: skip
+    try:
+        def up() -> bool:
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-2000:]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as ping:
+                    return ping.status == 200
+            except OSError:
+                return False
+
+        wait_for(up, 120, "mlflow models serve")
+        rng = np.random.default_rng(1)
+        video = rng.standard_normal((5, cfg.model.video_input_dim)).astype(np.float32)
+        text = rng.standard_normal((3, cfg.model.text_dim)).astype(np.float32)
+        body = {"dataframe_records": [{"video_features": video.tolist(),
+                                       "text_features": text.tolist(), "qid": 7}]}
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations", data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            (row,) = json.loads(response.read())["predictions"]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+    (expected,) = mlflow.pyfunc.load_model(f"models:/{name}@champion").predict(
+        {"video_features": [video], "text_features": [text], "qid": [7]})
+    assert row["qid"] == 7
+    assert len(row["pred_saliency_scores"]) == len(video)
+    assert len(row["pred_relevant_windows"]) == cfg.model.num_queries
+    np.testing.assert_allclose(row["pred_saliency_scores"], expected["pred_saliency_scores"],
+                               atol=1e-5)
+    np.testing.assert_allclose(row["pred_relevant_windows"], expected["pred_relevant_windows"],
+                               atol=1e-5)

@@ -26,9 +26,10 @@ from jobs.predict import main as predict_main
 from jobs.predict import shard_inputs
 from jobs.preflight import check_data
 from jobs.shard import run as shard_run
-from jobs.train import check_init_weights, main
+from jobs.train import check_init_weights, main, manifest_digest
 from tests.jobs import client_env, submit
 from vl.config import ExperimentConfig
+from vl.data.shards import read_manifest
 from vl.data.synthetic import SyntheticConfig, generate
 from vl.model import build_model
 
@@ -169,6 +170,14 @@ def test_submit_stop_resubmit_register_and_predict(shards, stack_env, mlflow_env
         == set(range(epochs))
     for key in ("train_loss_span", "train_loss_saliency", "lr", "samples_per_s", "val_loss"):
         assert key in run.data.metrics, key
+    assert any(key.startswith("system/cpu") for key in run.data.metrics)  # system metrics
+    # The shard sets as dataset inputs, logged once although the run was submitted twice.
+    inputs = {(d.dataset.name, d.dataset.digest, d.dataset.source)
+              for d in run.inputs.dataset_inputs}
+    assert inputs == {
+        (f"qvhighlights-{context}", manifest_digest(read_manifest(f"{shards}/{split}")),
+         json.dumps({"uri": f"{shards}/{split}"}))
+        for context, split in (("training", "train"), ("validation", "val"))}
 
     smoke = ExperimentConfig.from_yaml("configs/smoke.yaml")
     assert run.data.params["model.hidden_dim"] == str(smoke.model.hidden_dim)  # flattened config

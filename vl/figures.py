@@ -7,12 +7,14 @@ Plain matplotlib `Figure` objects, never registered with pyplot (no global state
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 matplotlib.use("Agg", force=False)  # a file backend: figures are saved, never shown
 
@@ -22,27 +24,90 @@ def figure(width: float, height: float) -> Figure:
     return Figure(figsize=(width, height), layout="constrained")
 
 
+# Which panel each loss term (its name after "loss_", vl.losses.criterion) is drawn in. Terms
+# not listed (a new one) get their own "other losses" panel, so nothing logged is hidden.
+LOSS_GROUPS: dict[str, tuple[str, ...]] = {
+    "total loss": ("total",),
+    "moment retrieval (MR) losses": ("span", "giou", "label", "span_nce"),
+    "highlight detection (HD) losses": ("saliency", "margin", "rank_contrastive", "neg_pair", "ts",
+                                        "hard_pos", "hard_neg"),
+    "alignment / coupling losses": ("sym", "sal_align", "tc"),
+}  # fmt: skip
+OTHER_LOSSES = "other losses"
+METRICS_PANEL = "evaluation metrics"
+SPLIT_STYLE = {"train": "-", "val": "--"}  # line style per split; colour per term
+_AUX_LAYER = re.compile(r"_\d+$")  # loss_span_0 ...: intermediate decoder layers
+_LOG_RATIO = 30.0  # a panel goes log-scale only when its values span more than this factor
+
+
+def curve_panel(key: str) -> tuple[str, str, str] | None:
+    """(panel, term, split) of a logged series, or None for one the curves leave out (the
+    intermediate decoder layers' copies of the MR terms). Keys without "loss" are metrics."""
+    split, _, name = key.partition("_") if key.startswith(("train_", "val_")) else ("", "", key)
+    if not name.startswith("loss"):
+        return (METRICS_PANEL, key, split) if "loss" not in key else None
+    term = name.removeprefix("loss").removeprefix("_") or "total"
+    if _AUX_LAYER.search(term):
+        return None
+    panel = next((p for p, terms in LOSS_GROUPS.items() if term in terms), OTHER_LOSSES)
+    return panel, term, split or "train"
+
+
 def plot_curves(history: Mapping[str, Sequence[tuple[int, float]]]) -> Figure:
-    """Loss curves (left, log scale when positive) and evaluation metrics (right) per epoch."""
-    fig = figure(11, 4)
-    ax_loss, ax_metric = fig.subplots(1, 2)
+    """Loss curves grouped by what they train (total, MR, HD, alignment / coupling) and the
+    evaluation metrics, one panel each, per epoch: colour per term, solid train and dashed
+    val, legends beside the panels; log scale only in a panel whose values span > 30x."""
+    series: dict[str, dict[tuple[str, str], list[tuple[int, float]]]] = {}
     for key in sorted(history):
+        where = curve_panel(key)
         points = [(s, v) for s, v in history[key] if math.isfinite(v)]
-        if not points:
-            continue
-        steps, values = zip(*points, strict=True)
-        ax = ax_loss if "loss" in key else ax_metric
-        ax.plot(steps, values, marker="." if len(points) < 30 else None, label=key)
-    for ax, title in ((ax_loss, "losses"), (ax_metric, "metrics")):
-        ax.set_title(title)
-        ax.set_xlabel("epoch")
-        ax.grid(alpha=0.3)
-        if ax.get_lines():
-            ax.legend(fontsize=7)
-    loss_values = [y for line in ax_loss.get_lines() for y in line.get_ydata()]
-    if loss_values and min(loss_values) > 0:
-        ax_loss.set_yscale("log")
+        if where is not None and points:
+            series.setdefault(where[0], {})[(where[1], where[2])] = points
+    order = [*LOSS_GROUPS, OTHER_LOSSES, METRICS_PANEL]
+    panels = [p for p in order if p in series]
+    cols = 2 if len(panels) > 1 else 1
+    rows = max(math.ceil(len(panels) / cols), 1)
+    fig = figure(13, 3.2 * rows)
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax in axes[len(panels):]:
+        ax.set_axis_off()
+    if not panels:
+        axes[0].text(0.5, 0.5, "no finite values logged yet", ha="center")
+        return fig
+    for ax, panel in zip(axes, panels, strict=False):
+        _draw_panel(ax, panel, series[panel])
+    fig.suptitle("training curves  (solid: train, dashed: val)", fontsize=10)
     return fig
+
+
+def _draw_panel(ax: Any, panel: str, lines: Mapping[tuple[str, str], Sequence]) -> None:
+    """One panel: a colour and one legend entry per term (per split for the total loss), the
+    split as the line style."""
+    terms = sorted({term for term, _ in lines}, key=_term_order)
+    colours = {t: f"C{i % 10}" for i, t in enumerate(terms)}
+    labelled: set[str] = set()
+    for (term, split), points in sorted(lines.items(), key=lambda kv: (_term_order(kv[0][0]),
+                                                                        kv[0][1])):  # fmt: skip
+        steps, values = zip(*points, strict=True)
+        label = split if term == "total" else None if term in labelled else term
+        labelled.add(term)
+        ax.plot(steps, values, SPLIT_STYLE.get(split, "-"), color=colours[term], label=label,
+                marker="." if len(points) < 30 else None, lw=1.4)
+    values = [v for points in lines.values() for _, v in points]
+    if min(values) > 0 and max(values) / min(values) > _LOG_RATIO:
+        ax.set_yscale("log")
+    ax.set_title(panel, fontsize=10, loc="left")
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0,
+              frameon=False)
+
+
+def _term_order(term: str) -> tuple[int, str]:
+    """Terms in the order LOSS_GROUPS lists them (the criterion's order), others by name."""
+    listed = [t for terms in LOSS_GROUPS.values() for t in terms]
+    return (listed.index(term), term) if term in listed else (len(listed), term)
 
 
 def gt_saliency(gt_row: Mapping[str, Any], num_clips: int) -> np.ndarray:

@@ -2,15 +2,17 @@
 
 Why a pyfunc wrapper and not `mlflow.pytorch`: its default torch.export format fixes the batch
 shape of a model with several inputs and a GRU (STACK.md); the wrapper also owns the padding
-and post-processing, so a caller sends per-sample features and gets official rows. This module
-sits above the model and the engine (it runs them); `vl.tracking` below it only knows runs and
-the registry.
+and post-processing, so a caller sends per-sample features and gets official rows. It is
+logged as MLflow "models from code" (`vl/served_model.py`), never as a cloudpickled object, so
+loading it runs only the installed package. This module sits above the model and the engine
+(it runs them); `vl.tracking` below it only knows runs and the registry.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from collections.abc import Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
@@ -19,7 +21,10 @@ from typing import Any
 import mlflow.pyfunc
 import numpy as np
 import torch
+from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+from mlflow.models import Model, ModelSignature
 from mlflow.tracking import MlflowClient
+from mlflow.types.schema import AnyType, ColSpec, ParamSchema, ParamSpec, Schema
 
 from vl import tracking
 from vl.checkpoint import CHECKPOINT_ARTIFACT, read_model
@@ -31,6 +36,22 @@ from vl.model import build_model
 
 DEFAULT_BATCH_SIZE = 32
 FEATURES_METADATA = "vl.features"  # MLmodel metadata: the FeatureRecipe the model's inputs need
+MODEL_NAME = "model"  # the LoggedModel's name in its run
+MODEL_CODE = Path(__file__).with_name("served_model.py")  # the models-from-code file
+
+# The columns and the one param `predict` takes. The feature columns are ragged per-sample
+# (clips, D) arrays, which MLflow's schema types cannot express without walking every float in
+# Python; they are `any` here and `make_batch` checks their shapes with errors naming the
+# sample. Declaring `batch_size` is what lets it through: MLflow drops undeclared params.
+SIGNATURE = ModelSignature(
+    inputs=Schema([
+        ColSpec(AnyType(), "video_features"),
+        ColSpec(AnyType(), "text_features"),
+        ColSpec("double", "duration", required=False),
+        ColSpec(AnyType(), "qid", required=False),
+    ]),
+    params=ParamSchema([ParamSpec("batch_size", "long", DEFAULT_BATCH_SIZE)]),
+)  # fmt: skip
 
 
 class VideoLightsPyfunc(mlflow.pyfunc.PythonModel):
@@ -81,7 +102,13 @@ def _samples(model_input: Any) -> list[dict[str, Any]]:
         )
     optional = ("duration", "qid")
     columns = ["video_features", "text_features", *(c for c in optional if c in model_input)]
-    return [{c: model_input[c][i] for c in columns} for i in range(count)]
+    return [{c: _plain(model_input[c][i]) for c in columns} for i in range(count)]
+
+
+def _plain(value: Any) -> Any:
+    """A numpy scalar as its Python value: MLflow's schema step turns a dict input into a
+    DataFrame, whose int qids come back as numpy ints that `json.dumps` refuses."""
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def make_batch(samples: Sequence[Mapping[str, Any]], cfg: ExperimentConfig,
@@ -125,42 +152,77 @@ def _requirements() -> list[str]:
         return ["videolights-ray"]
 
 
-def features_of(checkpoint_path: str | os.PathLike) -> dict[str, Any]:
-    """The FeatureRecipe (as a dict) of a training checkpoint's config (its preset fills what
-    the stored dict leaves out); empty when the checkpoint holds no usable config."""
+def _config_of(checkpoint_path: str | os.PathLike) -> ExperimentConfig | None:
+    """The checkpoint's config (its preset fills what the stored dict leaves out), or None when
+    the checkpoint holds no usable config."""
     try:
         _, stored = read_model(checkpoint_path)
-        cfg = ExperimentConfig.from_dict(stored, source=f"{checkpoint_path}:config")
+        return ExperimentConfig.from_dict(stored, source=f"{checkpoint_path}:config")
     except (ConfigError, ValueError):
-        return {}
-    return recipe_from_config(cfg.to_dict()).to_dict()
+        return None
+
+
+def features_of(checkpoint_path: str | os.PathLike) -> dict[str, Any]:
+    """The FeatureRecipe (as a dict) of a training checkpoint's config; empty when the
+    checkpoint holds no usable config."""
+    cfg = _config_of(checkpoint_path)
+    return recipe_from_config(cfg.to_dict()).to_dict() if cfg is not None else {}
+
+
+def input_example(cfg: ExperimentConfig, clips: int = 2, tokens: int = 2) -> dict[str, list]:
+    """One sample of the model's input at its widths (zeros; TEF of `clips` clips): what the
+    model page shows and `mlflow models serve` offers as its serving example."""
+    video = np.zeros((clips, cfg.model.video_input_dim), dtype=np.float32)
+    video[:, -2] = np.arange(clips) / clips  # TEF: clip start / end as fractions of the video
+    video[:, -1] = (np.arange(clips) + 1) / clips
+    text = np.zeros((tokens, cfg.model.text_dim), dtype=np.float32)
+    return {"video_features": [video.tolist()], "text_features": [text.tolist()],
+            "duration": [clips * float(cfg.data.clip_len)], "qid": [0]}  # fmt: skip
 
 
 def log_model(run_id: str, checkpoint_path: str | os.PathLike,
               features: Mapping[str, Any] | None = None) -> str:
-    """Save the checkpoint as a pyfunc model and upload it under the run's `model/`; returns
-    the model's artifact URI.
+    """Log the checkpoint as a pyfunc LoggedModel of the run (models from code, with
+    `SIGNATURE` and an input example); returns its `models:/<model_id>` URI, the source a
+    registered version links the LoggedModel by.
 
-    The model directory is built locally and uploaded with the client, so the run's status is
-    never touched (the fluent `log_model` would need an active run and end it). The MLmodel
-    metadata records which feature sets (and extractor models) the inputs need (`features`, a
-    FeatureRecipe dict; by default derived from the checkpoint's config), so jobs.predict
-    --video knows what to extract for it.
+    Built with the client, not the fluent `mlflow.pyfunc.log_model`, so the run's status is
+    never touched (the fluent call needs an active run and ends it): the LoggedModel is created
+    with the run as its source, saved locally, uploaded, named in the run's outputs (the run
+    page lists it) and marked READY. The MLmodel metadata records which feature sets (and
+    extractor models) the inputs need (`features`, a FeatureRecipe dict; by default derived
+    from the checkpoint's config), so jobs.predict --video knows what to extract for it.
     """
     client = MlflowClient()
+    cfg = _config_of(checkpoint_path)
     if features is None:
-        features = features_of(checkpoint_path)
-    with tempfile.TemporaryDirectory(prefix="vl-model-") as tmp:
-        local = Path(tmp) / "model"
-        mlflow.pyfunc.save_model(
-            path=str(local),
-            python_model=VideoLightsPyfunc(),
-            artifacts={CHECKPOINT_ARTIFACT: str(checkpoint_path)},
-            pip_requirements=_requirements(),
-            metadata={FEATURES_METADATA: dict(features)},
-        )
-        client.log_artifacts(run_id, str(local), artifact_path="model")
-    return f"{client.get_run(run_id).info.artifact_uri}/model"
+        features = recipe_from_config(cfg.to_dict()).to_dict() if cfg is not None else {}
+    experiment_id = client.get_run(run_id).info.experiment_id
+    logged = client.create_logged_model(experiment_id, name=MODEL_NAME, source_run_id=run_id,
+                                        model_type="videolights")  # fmt: skip
+    try:
+        with tempfile.TemporaryDirectory(prefix="vl-model-") as tmp, warnings.catch_warnings():
+            # a checkpoint without a usable config has no example; the signature still holds
+            warnings.filterwarnings("ignore", message=".*An input example was not provided")
+            local = Path(tmp) / "model"
+            mlflow.pyfunc.save_model(
+                path=str(local),
+                python_model=str(MODEL_CODE),
+                artifacts={CHECKPOINT_ARTIFACT: str(checkpoint_path)},
+                pip_requirements=_requirements(),
+                metadata={FEATURES_METADATA: dict(features)},
+                signature=SIGNATURE,
+                input_example=input_example(cfg) if cfg is not None else None,
+                mlflow_model=Model(artifact_path=logged.artifact_location, run_id=run_id,
+                                   model_uuid=logged.model_id, model_id=logged.model_id),
+            )  # fmt: skip
+            client.log_model_artifacts(logged.model_id, str(local))
+        client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
+    except BaseException:
+        client.finalize_logged_model(logged.model_id, LoggedModelStatus.FAILED)
+        raise
+    client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
+    return f"models:/{logged.model_id}"
 
 
 def log_and_register_model(
@@ -172,9 +234,10 @@ def log_and_register_model(
     higher_is_better: bool = True,
     features: Mapping[str, Any] | None = None,
 ) -> tuple[str, bool]:
-    """Log the checkpoint as a pyfunc model in the run and register it as a new version; the
-    `champion` alias moves to it only if it beats the current champion on `metric_name`
+    """Log the checkpoint as a pyfunc LoggedModel of the run and register it as a new version;
+    the `champion` alias moves to it only if it beats the current champion on `metric_name`
     (`vl.tracking.register_version`). Returns (version, champion?)."""
     source = log_model(run_id, checkpoint_path, features)
     return tracking.register_version(run_id, source, registered_name, metric_name,
-                                     metric_value, higher_is_better)  # fmt: skip
+                                     metric_value, higher_is_better,
+                                     model_id=source.removeprefix("models:/"))  # fmt: skip

@@ -1,4 +1,5 @@
-"""MLflow runs, params, metrics, figures as artifacts, and the model registry.
+"""MLflow runs, params, metrics, dataset inputs, system metrics, figures as artifacts, and
+the model registry.
 
 Everything goes through an explicit `run_id` and `MlflowClient` rather than MLflow's fluent
 "active run": the job resumes runs after failures and must never end (or start) a run as a side
@@ -13,14 +14,17 @@ import re
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import mlflow
-from mlflow.entities import Metric, Param
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
 from mlflow.exceptions import MlflowException
+from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -159,6 +163,38 @@ def log_epoch(run_id: str, epoch: int, metrics: Mapping[str, float]) -> None:
         client.log_batch(run_id, metrics=entries[start : start + 1000])
 
 
+def log_dataset(run_id: str, name: str, digest: str, uri: str, context: str,
+                profile: Mapping[str, Any] | None = None) -> None:
+    """Record a data set the run reads as an MLflow dataset input (the run page's "Datasets"),
+    tagged with its `context` ("training", "validation"). Logging the same (name, digest)
+    again, as a resumed run does, adds nothing."""
+    dataset = Dataset(name=name, digest=digest,
+                      source_type="s3" if uri.startswith("s3://") else "local",
+                      source=json.dumps({"uri": uri}),
+                      profile=json.dumps(dict(profile)) if profile else None)  # fmt: skip
+    MlflowClient().log_inputs(run_id, datasets=[
+        DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])])
+
+
+@contextmanager
+def system_metrics(run_id: str, sampling_interval_s: float = 5.0) -> Iterator[None]:
+    """Log this node's CPU, memory, disk and network (and GPU, where present) as `system/*`
+    metrics of the run while the block runs.
+
+    MLflow starts this monitor by itself only for runs it starts fluently
+    (`log_system_metrics=True`); these runs are opened by id, so the monitor runs here. A
+    resumed run continues its step count; MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides
+    the interval.
+    """
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=sampling_interval_s,
+                                   resume_logging=True)  # fmt: skip
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()
+
+
 # ---- figures and the registry ---------------------------------------------------------------
 def log_figure(run_id: str, fig: Figure, name: str) -> None:
     """Store `fig` as plots/<name>.png in the run's artifacts."""
@@ -181,9 +217,11 @@ def register_version(
     metric_name: str,
     metric_value: float,
     higher_is_better: bool = True,
+    model_id: str | None = None,
 ) -> tuple[str, bool]:
-    """Register the model at `source` (an artifact URI of `run_id`) as a new version, and move
-    the `champion` alias to it only if it beats the current champion on `metric_name`.
+    """Register the model at `source` (an artifact URI of `run_id`, or `models:/<model_id>`
+    of the run's LoggedModel `model_id`, which the server then requires) as a new version, and
+    move the `champion` alias to it only if it beats the current champion on `metric_name`.
 
     A champion without a comparable tag (other metric, or none) is replaced. Returns
     (version, champion?).
@@ -199,6 +237,7 @@ def register_version(
         source=source,
         run_id=run_id,
         tags={SELECTION_METRIC_TAG: metric_name, SELECTION_VALUE_TAG: repr(float(metric_value))},
+        model_id=model_id,
     ).version
     try:
         champion = client.get_model_version_by_alias(registered_name, CHAMPION_ALIAS)

@@ -22,7 +22,7 @@ from typing import Any
 import ray
 from ray import serve
 
-from jobs.errors import EXIT_BAD_INPUT, PreflightError, check_tracking, require_manifest
+from jobs.preflight import EXIT_BAD_INPUT, PreflightError, check_tracking, require_manifest
 from jobs.serve.app import START_FAILED, ServeOptions, build
 from jobs.serve.model import ModelRef, ModelResolutionError
 
