@@ -65,7 +65,7 @@ from vl.data.dataset import make_loader, read_annotations
 from vl.engine import build_optimizer, evaluate, train_one_epoch, unwrap
 from vl.losses import build_criterion
 from vl.model import build_model
-from vl.storage import exists, write_bytes
+from vl.storage import exists, join_uri, read_bytes, write_bytes
 
 PREDICTIONS_FILE = "val_predictions.jsonl"
 METRICS_FILE = "metrics.json"
@@ -87,9 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         epilog=(
             "Resume: rerun with the same --name and --storage; training continues from the latest "
-            "checkpoint and logs into the same MLflow run. Bad input (missing shards, a config "
-            "typo, an unreachable MLflow server or storage bucket) exits with code 2 before any "
-            "worker starts."
+            "checkpoint and logs into the same MLflow run. The config is compared with the one "
+            "the run started with: a difference exits with code 2 naming the keys (see "
+            "--allow-config-change); resubmitting a finished run is a no-op. Bad input "
+            "(missing shards, a config typo, an unreachable MLflow server or storage bucket) "
+            "exits with code 2 before any worker starts."
         ),
     )
     parser.add_argument("--config", required=True, type=Path,
@@ -117,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "a resumed run continues from its own checkpoint instead")
     parser.add_argument("--experiment", metavar="NAME",
                         help="MLflow experiment (default: the config's name)")
+    parser.add_argument("--allow-config-change", metavar="KEY[,KEY]", default="",
+                        help="on a resume, accept these config keys differing from the saved "
+                             "run's (e.g. train.epochs); any other difference is refused")
     return parser
 
 
@@ -145,6 +150,8 @@ class JobPlan:
     num_train: int = 0
     num_val: int = 0
     notes: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)  # config keys a resume accepts as changed
+    finished: dict[str, Any] | None = None  # the summary of an already finished run
 
     @property
     def selection_metric(self) -> str:
@@ -178,10 +185,77 @@ def prepare(args: argparse.Namespace) -> JobPlan:
     if args.init_from:
         check_init_weights(cfg, args.init_from)
     name = args.name or default_run_name(cfg)
-    return JobPlan(cfg=cfg, storage=args.storage, name=name,
+    plan = JobPlan(cfg=cfg, storage=args.storage, name=name,
                    experiment=args.experiment or cfg.name, register_as=args.register_as,
                    init_from=args.init_from, num_train=shape.num_train,
                    num_val=shape.num_val, notes=notes)
+    check_resume(plan, allowed_changes(args.allow_config_change, cfg))
+    return plan
+
+
+# ---- resume: the run it claims to be ---------------------------------------------------------
+RUN_RECORD = "run_record.json"  # under the run's storage: config + experiment (+ final summary)
+
+
+def run_identity(plan: JobPlan) -> dict[str, Any]:
+    """Flat {dotted key: value} of what a resume must keep: the config and the experiment."""
+    flat = {"experiment": plan.experiment, "register_as": plan.register_as}
+    flat.update(flatten(json.loads(json.dumps(plan.cfg.to_dict()))))
+    return flat
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def allowed_changes(text: str, cfg: ExperimentConfig) -> set[str]:
+    """--allow-config-change KEY[,KEY]: each key must be a config key (or `experiment`)."""
+    keys = {k.strip() for k in text.split(",") if k.strip()}
+    known = set(flatten(cfg.to_dict())) | {"experiment", "register_as"}
+    unknown = sorted(keys - known)
+    if unknown:
+        raise PreflightError(f"--allow-config-change: unknown key(s) {', '.join(unknown)}")
+    return keys
+
+
+def check_resume(plan: JobPlan, allowed: set[str]) -> None:
+    """Compare the run's saved record with this submission before anything starts: a
+    difference outside `allowed` is a PreflightError naming every differing key; a finished
+    run resubmitted unchanged is marked `plan.finished` (nothing to do)."""
+    uri = join_uri(plan.run_uri, RUN_RECORD)
+    try:
+        if not exists(uri):
+            return
+        record = json.loads(read_bytes(uri))
+        saved = {"experiment": record["experiment"], "register_as": record.get("register_as"),
+                 **flatten(record["config"])}  # fmt: skip
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise PreflightError(f"cannot read the saved run record {uri}: {err}") from None
+    new = run_identity(plan)
+    diff = sorted(k for k in saved.keys() | new.keys() if saved.get(k) != new.get(k))
+    refused = [k for k in diff if k not in allowed]
+    if refused:
+        shown = "; ".join(f"{k}: {saved.get(k)!r} -> {new.get(k)!r}" for k in refused)
+        raise PreflightError(
+            f"--name {plan.name} resumes {plan.run_uri} with a different config ({shown}); "
+            f"pass --allow-config-change {','.join(refused)} to accept, or use another --name")
+    plan.changed = diff
+    if record.get("finished") is not None and not diff:
+        plan.finished = record["finished"]
+
+
+def write_run_record(plan: JobPlan, finished: dict[str, Any] | None = None) -> None:
+    record = {"name": plan.name, "experiment": plan.experiment,
+              "register_as": plan.register_as, "config": plan.cfg.to_dict(),
+              "finished": finished}  # fmt: skip
+    write_bytes(join_uri(plan.run_uri, RUN_RECORD),
+                json.dumps(record, indent=1, sort_keys=True, default=str).encode())
 
 
 def check_init_weights(cfg: ExperimentConfig, source: str) -> None:
@@ -544,10 +618,17 @@ def finalize(plan: JobPlan, run_id: str, result) -> dict[str, Any]:
 
 def run(plan: JobPlan) -> dict[str, Any]:
     """Open the MLflow run, train under Ray, finalize. Raises on a failed training."""
+    write_run_record(plan)
     run_id = tracking.start_or_resume_run(plan.experiment, plan.name)
-    tracking.log_params(run_id, {**plan.cfg.to_dict(), "job": {
+    params = tracking.flatten_params({**plan.cfg.to_dict(), "job": {
         "storage": plan.storage, "run_name": plan.name, "selection_metric": plan.selection_metric,
         "num_train": plan.num_train, "num_val": plan.num_val}})
+    # MLflow params are immutable: a key accepted by --allow-config-change keeps its first
+    # value as the param and the change is recorded as a tag.
+    tracking.log_params(run_id, {k: v for k, v in params.items() if k not in plan.changed})
+    if plan.changed:
+        MlflowClient().set_tag(run_id, f"vl.config_change.{int(time.time())}",
+                               ", ".join(plan.changed))
     MlflowClient().set_tag(run_id, "vl.checkpoints", plan.run_uri)
     for note in plan.notes:
         print(f"note: {note}", flush=True)
@@ -570,6 +651,7 @@ def run(plan: JobPlan) -> dict[str, Any]:
         raise result.error
     summary = finalize(plan, run_id, result)
     tracking.finish_run(run_id, "FINISHED")
+    write_run_record(plan, finished=summary)
     return summary
 
 
@@ -581,6 +663,11 @@ def main(argv: list[str] | None = None) -> int:
     except PreflightError as err:
         print(f"jobs.train: {err}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
+    if plan.finished is not None:
+        print(f"run {plan.name} already finished with this config (see {plan.run_uri}/"
+              f"{RUN_RECORD}); nothing to do", flush=True)
+        print("RESULT " + json.dumps(plan.finished, sort_keys=True, default=str), flush=True)
+        return 0
     summary = run(plan)
     print("RESULT " + json.dumps(summary, sort_keys=True, default=str), flush=True)
     return 0

@@ -26,8 +26,9 @@ from jobs.predict import main as predict_main
 from jobs.predict import shard_inputs
 from jobs.preflight import check_data
 from jobs.shard import run as shard_run
-from jobs.train import check_init_weights, main
+from jobs.train import build_parser, check_init_weights, main, prepare, write_run_record
 from tests.jobs import client_env, submit
+from vl import tracking
 from vl.config import ExperimentConfig
 from vl.data.synthetic import SyntheticConfig, generate
 from vl.model import build_model
@@ -316,3 +317,52 @@ def test_init_from_compatible_weights_passes_preflight(shards, stack_env, mlflow
     path = tmp_path / "pretrained.pt"
     torch.save({"model": state}, path)
     check_init_weights(cfg, str(path))  # no PreflightError
+
+
+# ---- a resume is the run it claims to be (driver level: no worker starts) -------------------
+def _resume_args(shards: str, storage: Path, name: str, *extra: str) -> list[str]:
+    return ["--config", "configs/smoke.yaml", "--data", shards, "--storage", str(storage),
+            "--name", name, *extra]
+
+
+def test_resume_with_another_config_is_refused_naming_the_keys(shards, stack_env, mlflow_env,
+                                                               tmp_path, capsys):
+    name = f"drift-{_uid()}"
+    plan = prepare(build_parser().parse_args(_resume_args(shards, tmp_path, name)))
+    write_run_record(plan)  # what the first submission wrote before training
+    run_id = tracking.start_or_resume_run(plan.experiment, name)
+    tracking.finish_run(run_id, "KILLED")
+
+    code, err = _train_main(_resume_args(shards, tmp_path, name, "--set", "train.lr=0.001",
+                                         "--set", "train.epochs=9"), capsys)
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert f"train.lr: {plan.cfg.train.lr!r} -> 0.001" in err and "train.epochs: " in err
+    assert "--allow-config-change train.epochs,train.lr" in err
+    assert MlflowClient().get_run(run_id).info.status == "KILLED"  # the run is untouched
+
+    code, err = _train_main(_resume_args(shards, tmp_path, name, "--experiment", "elsewhere"),
+                            capsys)
+    assert code == 2 and "experiment: 'videolights-smoke' -> 'elsewhere'" in err
+
+    allowed = prepare(build_parser().parse_args(_resume_args(
+        shards, tmp_path, name, "--set", "train.epochs=9",
+        "--allow-config-change", "train.epochs")))
+    assert allowed.changed == ["train.epochs"] and allowed.finished is None
+
+
+def test_resubmitting_a_finished_run_is_a_no_op(shards, stack_env, mlflow_env, tmp_path,
+                                                capsys):
+    name = f"done-{_uid()}"
+    plan = prepare(build_parser().parse_args(_resume_args(shards, tmp_path, name)))
+    write_run_record(plan, finished={"run_name": name, "version": "1"})
+    code = main(_resume_args(shards, tmp_path, name))
+    out = capsys.readouterr().out
+    assert code == 0 and not ray.is_initialized()
+    assert "already finished" in out and '"version": "1"' in out
+    assert _runs_or_none(plan.experiment, name) == []  # no MLflow run was opened
+
+
+def _runs_or_none(experiment: str, name: str) -> list:
+    if MlflowClient().get_experiment_by_name(experiment) is None:
+        return []
+    return _runs(experiment, name)
