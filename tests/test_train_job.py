@@ -366,3 +366,14 @@ def _runs_or_none(experiment: str, name: str) -> list:
     if MlflowClient().get_experiment_by_name(experiment) is None:
         return []
     return _runs(experiment, name)
+
+
+@pytest.mark.parametrize("override,key", [("train.lr=nan", "train.lr"),
+                                          ("train.lr=0", "train.lr"),
+                                          ("train.lr_drop=0", "train.lr_drop"),
+                                          ("data.batch_size=-8", "data.batch_size")])
+def test_impossible_training_values_exit_2_before_anything(override, key, capsys):
+    code, err = _train_main(["--config", "configs/smoke.yaml", "--data", "s3://vl-data/x",
+                             "--set", override], capsys)
+    assert code == 2 and err.count("\n") == 1 and f"key '{key}'" in err
+
