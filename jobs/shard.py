@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from jobs.preflight import PreflightError, driver_address, use_driver_address
 from vl.config import DATASETS
 from vl.data.annotations import DEFAULT_CLIP_LEN, Annotation, load_annotations
 from vl.data.features import (
@@ -377,7 +378,9 @@ def convert_chunks(out: str, chunks: list[list[Annotation]], settings: ShardSett
     if use_ray:
         ray = _ray()
         if not ray.is_initialized():
-            ray.init(address=os.environ.get("RAY_ADDRESS") or "auto", log_to_driver=False)
+            address = driver_address()
+            use_driver_address(address)
+            ray.init(address=address or "auto", log_to_driver=False)
         task = ray.remote(num_cpus=1)(convert_shard)
         refs = {i: task.remote(out, i, chunks[i], settings, digests[i]) for i in todo}
         for i, ref in refs.items():
@@ -423,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
             ray_mode=args.ray_mode,
             log=lambda msg: print(msg, flush=True),
         )
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, PreflightError) as e:
         print(f"jobs.shard: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -44,10 +44,13 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from jobs.preflight import (
     EXIT_BAD_INPUT,
     PreflightError,
+    check_capacity,
     check_data,
     check_storage,
     check_tracking,
     config_error,
+    driver_address,
+    use_driver_address,
 )
 from vl import figures, serving, tracking
 from vl.checkpoint import (
@@ -151,6 +154,7 @@ class JobPlan:
     num_val: int = 0
     notes: list[str] = field(default_factory=list)
     changed: list[str] = field(default_factory=list)  # config keys a resume accepts as changed
+    ray_address: str | None = None  # for ray.init (preflight.driver_address)
     finished: dict[str, Any] | None = None  # the summary of an already finished run
 
     @property
@@ -190,6 +194,7 @@ def prepare(args: argparse.Namespace) -> JobPlan:
                    init_from=args.init_from, num_train=shape.num_train,
                    num_val=shape.num_val, notes=notes)
     check_resume(plan, allowed_changes(args.allow_config_change, cfg))
+    plan.ray_address = driver_address()
     return plan
 
 
@@ -616,8 +621,26 @@ def finalize(plan: JobPlan, run_id: str, result) -> dict[str, Any]:
     return summary
 
 
+def connect(plan: JobPlan) -> bool:
+    """Join (or start) the Ray cluster and check that it can place the workers, before the
+    MLflow run is touched; returns whether GPU workers are used. Raises PreflightError."""
+    if not ray.is_initialized():
+        use_driver_address(plan.ray_address)
+        ray.init(address=plan.ray_address, log_to_driver=True)
+    scale = plan.cfg.scale
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    check_capacity(scale.num_workers, scale.cpus_per_worker,
+                   [float(n["Resources"].get("CPU", 0)) for n in nodes])
+    use_gpu = scale.use_gpu and cluster_has_gpus()
+    if scale.use_gpu and not use_gpu:
+        print("note: the config asks for GPU workers but the cluster has no GPU; "
+              "training on CPU (gloo)", flush=True)
+    return use_gpu
+
+
 def run(plan: JobPlan) -> dict[str, Any]:
     """Open the MLflow run, train under Ray, finalize. Raises on a failed training."""
+    use_gpu = connect(plan)
     write_run_record(plan)
     run_id = tracking.start_or_resume_run(plan.experiment, plan.name)
     params = tracking.flatten_params({**plan.cfg.to_dict(), "job": {
@@ -635,12 +658,6 @@ def run(plan: JobPlan) -> dict[str, Any]:
     print(f"run {plan.name}: MLflow run {run_id} (experiment {plan.experiment!r}), "
           f"checkpoints under {plan.run_uri}, {plan.num_train} train / {plan.num_val} val "
           f"samples, {plan.cfg.scale.num_workers} workers", flush=True)
-    if not ray.is_initialized():
-        ray.init(log_to_driver=True)
-    use_gpu = plan.cfg.scale.use_gpu and cluster_has_gpus()
-    if plan.cfg.scale.use_gpu and not use_gpu:
-        print("note: the config asks for GPU workers but the cluster has no GPU; "
-              "training on CPU (gloo)", flush=True)
     try:
         result = build_trainer(plan, run_id, use_gpu).fit()
     except (TrainingFailedError, KeyboardInterrupt):
@@ -668,7 +685,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{RUN_RECORD}); nothing to do", flush=True)
         print("RESULT " + json.dumps(plan.finished, sort_keys=True, default=str), flush=True)
         return 0
-    summary = run(plan)
+    try:
+        summary = run(plan)
+    except PreflightError as err:
+        print(f"jobs.train: {err}", file=sys.stderr, flush=True)
+        return EXIT_BAD_INPUT
     print("RESULT " + json.dumps(summary, sort_keys=True, default=str), flush=True)
     return 0
 

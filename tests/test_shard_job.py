@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import pytest
 
 from cluster.local.common import NO_TELEMETRY_ENV
 from jobs.shard import main, run
+from tests.jobs import REPO, client_env
 from vl.data.annotations import load_annotations
 from vl.data.shards import read_annotations, read_manifest
 from vl.data.synthetic import SyntheticConfig, generate
@@ -178,3 +181,28 @@ def test_non_positive_shard_sizes_are_refused(layout, tmp_path: Path, capsys, fl
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{flag} must be >= 1, got {value}" in err
     assert not out.exists()
+
+
+@pytest.mark.integration
+def test_readme_sequence_shard_with_the_stacks_ray_address(layout, local_stack_env, tmp_path):
+    """After `eval "$(python -m cluster.local.stack up)"` RAY_ADDRESS is the dashboard URL
+    (right for `ray job submit`); `python -m jobs.shard` run directly still joins the head
+    (through the GCS address the stack exports beside it) and shards with Ray tasks."""
+    env = client_env(local_stack_env)
+    assert env["RAY_ADDRESS"].startswith("http://")
+    out = tmp_path / "shards"
+    args = _args(layout, str(out))
+    args[args.index("--ray") + 1] = "auto"
+    proc = subprocess.run([sys.executable, "-m", "jobs.shard", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "with Ray tasks" in proc.stdout
+    assert read_manifest(str(out)).num_rows == len(load_annotations(layout.train_jsonl,
+                                                                    "qvhighlights"))
+
+    env.pop("VL_RAY_GCS_ADDRESS")  # a dashboard URL and nothing else: one clear line
+    args[args.index("--out") + 1] = str(tmp_path / "other")
+    proc = subprocess.run([sys.executable, "-m", "jobs.shard", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 2 and "is the job API URL" in proc.stderr
+    assert proc.stderr.count("\n") == 1 and not (tmp_path / "other").exists()

@@ -24,7 +24,7 @@ from ray.job_submission import JobStatus, JobSubmissionClient
 from cluster.local.common import free_port, wait_for
 from jobs.predict import main as predict_main
 from jobs.predict import shard_inputs
-from jobs.preflight import check_data
+from jobs.preflight import PreflightError, check_capacity, check_data
 from jobs.shard import run as shard_run
 from jobs.train import build_parser, check_init_weights, main, prepare, write_run_record
 from tests.jobs import client_env, submit
@@ -377,3 +377,28 @@ def test_impossible_training_values_exit_2_before_anything(override, key, capsys
                              "--set", override], capsys)
     assert code == 2 and err.count("\n") == 1 and f"key '{key}'" in err
 
+
+
+def test_check_capacity_counts_whole_workers_per_node():
+    check_capacity(2, 1.0, [2.0])
+    check_capacity(3, 1.5, [3.0, 1.5])
+    with pytest.raises(PreflightError, match=r"too small .*num_workers=2 x .*cpus_per_worker=1\.5"):
+        check_capacity(2, 1.5, [2.0, 1.0])  # 3.0 CPUs in total, but one worker per node fits
+
+
+def test_direct_run_joins_the_stack_and_fails_fast_when_it_is_too_small(shards, stack_env):
+    """README: after `stack up`, RAY_ADDRESS is the dashboard URL; `python -m jobs.train` run
+    directly joins the head anyway, and a cluster too small for the workers fails in seconds
+    with one line instead of waiting for resources forever (no MLflow run opened)."""
+    name = f"small-{_uid()}"
+    t0 = time.monotonic()
+    proc = subprocess.run(_entrypoint("--data", shards, "--storage", "s3://vl-runs/test_train_job",
+                                      "--name", name, "--set", "scale.num_workers=5"),
+                          cwd=REPO, env=stack_env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("jobs.train:")]
+    assert len(lines) == 1 and "too small for scale.num_workers=5" in lines[0], proc.stderr
+    assert time.monotonic() - t0 < 90
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", stack_env["MLFLOW_TRACKING_URI"])
+        assert _runs_or_none("videolights-smoke", name) == []
