@@ -15,6 +15,7 @@ the same. The MLflow run is found again by its `vl.run_name` tag, so a resume ne
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import math
@@ -50,6 +51,7 @@ from jobs.preflight import (
     check_tracking,
     config_error,
     driver_address,
+    require_manifest,
     use_driver_address,
 )
 from vl import figures, serving, tracking
@@ -155,6 +157,7 @@ class JobPlan:
     notes: list[str] = field(default_factory=list)
     changed: list[str] = field(default_factory=list)  # config keys a resume accepts as changed
     ray_address: str | None = None  # for ray.init (preflight.driver_address)
+    shards: dict[str, str] = field(default_factory=dict)  # split -> digest of its shard checksums
     finished: dict[str, Any] | None = None  # the summary of an already finished run
 
     @property
@@ -193,6 +196,8 @@ def prepare(args: argparse.Namespace) -> JobPlan:
                    experiment=args.experiment or cfg.name, register_as=args.register_as,
                    init_from=args.init_from, num_train=shape.num_train,
                    num_val=shape.num_val, notes=notes)
+    plan.shards = {split: shard_set_digest(uri, split)
+                   for split, uri in (("train", cfg.data.train), ("val", cfg.data.val))}
     check_resume(plan, allowed_changes(args.allow_config_change, cfg))
     plan.ray_address = driver_address()
     return plan
@@ -202,9 +207,18 @@ def prepare(args: argparse.Namespace) -> JobPlan:
 RUN_RECORD = "run_record.json"  # under the run's storage: config + experiment (+ final summary)
 
 
+def shard_set_digest(uri: str, split: str) -> str:
+    """One digest of a shard set's content (its shards' sha256s): re-sharded data with other
+    rows or features under the same prefix is another data set for a resume."""
+    manifest = require_manifest(uri, split)
+    return hashlib.sha256(" ".join(s.sha256 for s in manifest.shards).encode()).hexdigest()
+
+
 def run_identity(plan: JobPlan) -> dict[str, Any]:
-    """Flat {dotted key: value} of what a resume must keep: the config and the experiment."""
-    flat = {"experiment": plan.experiment, "register_as": plan.register_as}
+    """Flat {dotted key: value} of what a resume must keep: the config, the experiment and the
+    shard sets' content."""
+    flat = {"experiment": plan.experiment, "register_as": plan.register_as,
+            **{f"shards.{k}": v for k, v in plan.shards.items()}}
     flat.update(flatten(json.loads(json.dumps(plan.cfg.to_dict()))))
     return flat
 
@@ -222,7 +236,8 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def allowed_changes(text: str, cfg: ExperimentConfig) -> set[str]:
     """--allow-config-change KEY[,KEY]: each key must be a config key (or `experiment`)."""
     keys = {k.strip() for k in text.split(",") if k.strip()}
-    known = set(flatten(cfg.to_dict())) | {"experiment", "register_as"}
+    known = set(flatten(cfg.to_dict())) | {"experiment", "register_as", "shards.train",
+                                            "shards.val"}
     unknown = sorted(keys - known)
     if unknown:
         raise PreflightError(f"--allow-config-change: unknown key(s) {', '.join(unknown)}")
@@ -239,6 +254,7 @@ def check_resume(plan: JobPlan, allowed: set[str]) -> None:
             return
         record = json.loads(read_bytes(uri))
         saved = {"experiment": record["experiment"], "register_as": record.get("register_as"),
+                 **{f"shards.{k}": v for k, v in record.get("shards", {}).items()},
                  **flatten(record["config"])}  # fmt: skip
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise PreflightError(f"cannot read the saved run record {uri}: {err}") from None
@@ -258,7 +274,7 @@ def check_resume(plan: JobPlan, allowed: set[str]) -> None:
 def write_run_record(plan: JobPlan, finished: dict[str, Any] | None = None) -> None:
     record = {"name": plan.name, "experiment": plan.experiment,
               "register_as": plan.register_as, "config": plan.cfg.to_dict(),
-              "finished": finished}  # fmt: skip
+              "shards": plan.shards, "finished": finished}  # fmt: skip
     write_bytes(join_uri(plan.run_uri, RUN_RECORD),
                 json.dumps(record, indent=1, sort_keys=True, default=str).encode())
 

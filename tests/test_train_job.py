@@ -349,6 +349,11 @@ def test_resume_with_another_config_is_refused_naming_the_keys(shards, stack_env
         "--allow-config-change", "train.epochs")))
     assert allowed.changed == ["train.epochs"] and allowed.finished is None
 
+    plan.shards["val"] = "0" * 64  # the run started on other val data under the same prefix
+    write_run_record(plan)
+    code, err = _train_main(_resume_args(shards, tmp_path, name), capsys)
+    assert code == 2 and "shards.val: '0000" in err
+
 
 def test_resubmitting_a_finished_run_is_a_no_op(shards, stack_env, mlflow_env, tmp_path,
                                                 capsys):
