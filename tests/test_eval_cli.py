@@ -103,6 +103,18 @@ def test_reversed_window_scores_iou_0_with_a_warning_unless_strict(files, capsys
     assert code == 2 and "qid 2" in err and "negative length" in err
 
 
+@pytest.mark.parametrize(("line", "message"), [
+    ("[" * 100_000 + "]" * 100_000, r"sub\.jsonl:1: JSON nested too deeply"),
+    ('{"qid": ' + "9" * 5000 + "}", r"sub\.jsonl:1: unreadable JSON value"),
+])
+def test_hostile_json_is_one_line_and_exit_2(files, capsys, line, message):
+    tmp, gt = files
+    sub = write(tmp / "sub.jsonl", [line])
+    code, out, err = run_main(capsys, "qvhighlights", "--submission", sub, "--gt", gt)
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert __import__("re").search(message, err), err
+
+
 def test_metrics_json_holds_no_nan(files, capsys):
     """A metric that is NaN (no GT window in a length bucket) is written as null: JSON."""
     tmp, gt = files

@@ -61,7 +61,7 @@ def load_jsonl(path: str | Path) -> tuple[list[dict[str, Any]], list[int]]:
     # which finds the exact line to blame.
     try:
         rows = json.loads("[" + ",".join(line for _, line in numbered) + "]")
-    except ValueError:
+    except (ValueError, RecursionError):
         rows = None
     if (
         rows is None
@@ -82,6 +82,10 @@ def _parse_line(path: Path, number: int, line: str) -> dict[str, Any]:
         raise EvalInputError(
             f"{path}:{number}: malformed JSON ({exc.msg} at column {exc.colno})"
         ) from None
+    except RecursionError:
+        raise EvalInputError(f"{path}:{number}: JSON nested too deeply") from None
+    except ValueError as exc:  # an integer literal beyond Python's digit limit
+        raise EvalInputError(f"{path}:{number}: unreadable JSON value ({exc})") from None
     if not isinstance(row, dict):
         raise EvalInputError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
     return row
