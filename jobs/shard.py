@@ -269,6 +269,11 @@ def run(
         raise ValueError(f"--rows-per-shard must be >= 1, got {rows_per_shard}")
     if row_group_rows < 1:
         raise ValueError(f"--row-group-rows must be >= 1, got {row_group_rows}")
+    for flag, value in (("--max-v-l", max_v_l), ("--max-q-l", max_q_l)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    if clip_len is not None and not clip_len > 0:  # also NaN
+        raise ValueError(f"--clip-len must be > 0, got {clip_len}")
     t0 = time.monotonic()
     clip_len = DEFAULT_CLIP_LEN[dataset] if clip_len is None else clip_len
     anns = load_annotations(annotations, dataset, clip_len=clip_len)

@@ -126,7 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="MLflow experiment (default: the config's name)")
     parser.add_argument("--allow-config-change", metavar="KEY[,KEY]", default="",
                         help="on a resume, accept these config keys differing from the saved "
-                             "run's (e.g. train.epochs); any other difference is refused")
+                             "run's (e.g. train.epochs); any other difference is refused. The "
+                             "resumed optimizer and schedule keep their saved state, so a "
+                             "changed train.lr does not apply to them")
     return parser
 
 

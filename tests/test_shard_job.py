@@ -168,7 +168,8 @@ def test_a_fixed_label_or_new_features_reshard_under_new_names(tmp_path: Path, c
     assert read_manifest(out).shards[-1].path != after.shards[-1].path
 
 
-@pytest.mark.parametrize("flag", ["--rows-per-shard", "--row-group-rows"])
+@pytest.mark.parametrize("flag", ["--rows-per-shard", "--row-group-rows", "--max-v-l",
+                                  "--max-q-l"])
 @pytest.mark.parametrize("value", ["0", "-3"])
 def test_non_positive_shard_sizes_are_refused(layout, tmp_path: Path, capsys, flag, value):
     out = tmp_path / "o"
@@ -181,6 +182,11 @@ def test_non_positive_shard_sizes_are_refused(layout, tmp_path: Path, capsys, fl
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{flag} must be >= 1, got {value}" in err
     assert not out.exists()
+
+
+def test_non_positive_clip_len_is_refused(layout, tmp_path: Path, capsys):
+    assert main(_args(layout, str(tmp_path / "o"), "--clip-len", "nan")) == 2
+    assert "--clip-len must be > 0, got nan" in capsys.readouterr().err
 
 
 @pytest.mark.integration
