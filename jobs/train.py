@@ -15,15 +15,19 @@ the same. The MLflow run is found again by its `vl.run_name` tag, so a resume ne
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
 import math
 import os
 import re
+import signal
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,7 +42,6 @@ from ray.train import (
     FailureConfig,
     RunConfig,
     ScalingConfig,
-    TrainingFailedError,
 )
 from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -676,18 +679,39 @@ def run(plan: JobPlan) -> dict[str, Any]:
     print(f"run {plan.name}: MLflow run {run_id} (experiment {plan.experiment!r}), "
           f"checkpoints under {plan.run_uri}, {plan.num_train} train / {plan.num_val} val "
           f"samples, {plan.cfg.scale.num_workers} workers", flush=True)
-    try:
+    with closes_run(run_id):
         result = build_trainer(plan, run_id, use_gpu).fit()
-    except (TrainingFailedError, KeyboardInterrupt):
-        tracking.finish_run(run_id, "FAILED")
-        raise
-    if result.error is not None:
-        tracking.finish_run(run_id, "FAILED")
-        raise result.error
-    summary = finalize(plan, run_id, result)
+        if result.error is not None:
+            raise result.error
+        summary = finalize(plan, run_id, result)
     tracking.finish_run(run_id, "FINISHED")
     write_run_record(plan, finished=summary)
     return summary
+
+
+@contextlib.contextmanager
+def closes_run(run_id: str) -> Iterator[None]:
+    """However the job ends, its MLflow run ends with it: KILLED on SIGTERM (`ray job stop`
+    sends it, then SIGKILL seconds later) or Ctrl-C, FAILED on an error; never left RUNNING."""
+    def on_sigterm(signum: int, _frame: Any) -> None:
+        tracking.finish_run(run_id, "KILLED")
+        raise SystemExit(128 + signum)
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, on_sigterm) if main_thread else None
+    try:
+        yield
+    except KeyboardInterrupt:
+        tracking.finish_run(run_id, "KILLED")
+        raise
+    except SystemExit:  # the SIGTERM handler has closed the run
+        raise
+    except BaseException:
+        tracking.finish_run(run_id, "FAILED")
+        raise
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -26,7 +27,14 @@ from jobs.predict import main as predict_main
 from jobs.predict import shard_inputs
 from jobs.preflight import PreflightError, check_capacity, check_data
 from jobs.shard import run as shard_run
-from jobs.train import build_parser, check_init_weights, main, prepare, write_run_record
+from jobs.train import (
+    build_parser,
+    check_init_weights,
+    closes_run,
+    main,
+    prepare,
+    write_run_record,
+)
 from tests.jobs import client_env, submit
 from vl import tracking
 from vl.config import ExperimentConfig
@@ -141,6 +149,8 @@ def test_submit_stop_resubmit_register_and_predict(shards, stack_env, mlflow_env
         jobs.stop_job(first)
     wait_for(lambda: jobs.get_job_status(first).is_terminal(), 60, "the stopped job")
     assert jobs.get_job_status(first) == JobStatus.STOPPED
+    # the stopped job closed its MLflow run (KILLED), rather than leaving it RUNNING
+    assert [r.info.status for r in _runs("videolights-smoke", name)] == ["KILLED"]
 
     done = submit(stack_env, f"{name}-b", entry)
     log = done.stdout + done.stderr
@@ -407,3 +417,18 @@ def test_direct_run_joins_the_stack_and_fails_fast_when_it_is_too_small(shards, 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", stack_env["MLFLOW_TRACKING_URI"])
         assert _runs_or_none("videolights-smoke", name) == []
+
+
+@pytest.mark.parametrize("ending,status", [("error", "FAILED"), ("ctrl-c", "KILLED"),
+                                           ("sigterm", "KILLED")])
+def test_a_job_that_ends_closes_its_run(mlflow_env, ending, status):
+    """However the driver ends (an error, Ctrl-C, `ray job stop`'s SIGTERM), its MLflow run is
+    FAILED or KILLED, never left RUNNING."""
+    run_id = tracking.start_or_resume_run(f"close-{_uid()}", "r")
+    expected = {"error": ValueError, "ctrl-c": KeyboardInterrupt, "sigterm": SystemExit}[ending]
+    with pytest.raises(expected), closes_run(run_id):
+        if ending == "sigterm":
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler interrupts this at once
+        raise {"error": ValueError, "ctrl-c": KeyboardInterrupt}[ending]()
+    assert MlflowClient().get_run(run_id).info.status == status
