@@ -29,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from jobs.preflight import EXIT_BAD_INPUT, PreflightError, check_tracking, require_manifest
+from vl.data.shards import ShardCorruptError
+from vl.metrics.io import json_safe
 
 
 def shard_inputs(uri: str, cfg: Any) -> tuple[dict[str, list], list[dict[str, Any]]]:
@@ -240,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "auto":
         args.device = None
     try:
+        check_numbers(args)
         if args.model.startswith(("models:/", "runs:/")):
             check_tracking()
         if args.data:
@@ -249,9 +252,21 @@ def main(argv: list[str] | None = None) -> int:
         from jobs.predict_library import predict_library
 
         return predict_library(args)
-    except PreflightError as err:
+    except (PreflightError, ShardCorruptError) as err:
         print(f"jobs.predict: {err}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
+
+
+def check_numbers(args: argparse.Namespace) -> None:
+    """Sizes and thresholds that cannot work, refused before any model is loaded."""
+    for flag, value, low in (("--batch-size", args.batch_size, 1), ("--top-k", args.top_k, 1),
+                             ("--workers", args.workers, 0)):  # fmt: skip
+        if value < low:
+            raise PreflightError(f"{flag} must be >= {low}, got {value}")
+    if args.stride is not None and args.stride < 1:
+        raise PreflightError(f"--stride must be >= 1, got {args.stride}")
+    if not 0.0 <= args.iou <= 1.0:
+        raise PreflightError(f"--iou must be in [0, 1], got {args.iou}")
 
 
 def predict_shards(args: argparse.Namespace) -> int:
@@ -266,7 +281,7 @@ def predict_shards(args: argparse.Namespace) -> int:
         from vl.engine import score_rows
 
         metrics = score_rows(manifest.dataset, rows, read_annotations(args.data))
-        print(json.dumps(metrics["brief"], indent=1), flush=True)
+        print(json.dumps(json_safe(metrics["brief"]), indent=1, allow_nan=False), flush=True)
     return 0
 
 

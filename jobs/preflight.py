@@ -130,5 +130,46 @@ def check_tracking() -> None:
         raise PreflightError(str(err)) from None
 
 
+GCS_ADDRESS_ENV = "VL_RAY_GCS_ADDRESS"  # exported by `python -m cluster.local.stack up`
+
+
+def driver_address() -> str | None:
+    """The address a driver passes to `ray.init`: RAY_ADDRESS as given, except that the job
+    API's dashboard URL (what `ray job submit` needs, and what `cluster.local.stack up`
+    exports) is swapped for the GCS address the stack exports beside it. None: start or find a
+    local cluster."""
+    address = os.environ.get("RAY_ADDRESS", "")
+    if not address.startswith(("http://", "https://")):
+        return address or None
+    gcs = os.environ.get(GCS_ADDRESS_ENV, "")
+    if not gcs:
+        raise PreflightError(
+            f"RAY_ADDRESS={address} is the job API URL, which a driver cannot join: set "
+            f"{GCS_ADDRESS_ENV} (or RAY_ADDRESS) to the GCS host:port (`gcs_address` in the "
+            "stack's state.json), or submit the command with `ray job submit`")
+    return gcs
+
+
+def use_driver_address(address: str | None) -> None:
+    """Point this process's RAY_ADDRESS at `address`, so Ray's own lookups (which read the
+    variable) agree with the address given to `ray.init`."""
+    if address:
+        os.environ["RAY_ADDRESS"] = address
+    else:
+        os.environ.pop("RAY_ADDRESS", None)
+
+
+def check_capacity(num_workers: int, cpus_per_worker: float, node_cpus: list[float]) -> None:
+    """The cluster can place `num_workers` workers of `cpus_per_worker` CPUs each (each on one
+    node): otherwise Ray would wait for resources forever, so the job fails now."""
+    fits = sum(int(cpus // cpus_per_worker) for cpus in node_cpus)
+    if fits < num_workers:
+        raise PreflightError(
+            f"the Ray cluster is too small for scale.num_workers={num_workers} x "
+            f"scale.cpus_per_worker={cpus_per_worker:g}: its {len(node_cpus)} node(s) have "
+            f"{', '.join(f'{c:g}' for c in node_cpus) or 'no'} CPUs ({fits} worker(s) fit); "
+            "lower scale.num_workers / scale.cpus_per_worker or add nodes")
+
+
 def config_error(err: ConfigError) -> PreflightError:
     return PreflightError(f"config error: {err}")

@@ -6,8 +6,10 @@ Runs shards as Ray tasks when a Ray cluster is reachable (RAY_ADDRESS set, e.g. 
 `ray job submit`) and in-process otherwise. Every query's feature files are checked before
 anything is written, so a run with missing features fails without leaving a partial shard set
 (or, with --skip-missing, records the skipped queries in the manifest). Shard contents are a
-pure function of (annotations, settings), so a re-run skips the shards whose completion record
-matches and rewrites only the rest.
+pure function of (annotation rows, feature file bytes, settings); a shard's file name carries
+that digest, so a re-run skips the shards whose completion record matches, writes the rest
+under new names, writes the manifest last and only then removes the files it no longer lists:
+a reader of the old manifest never sees new bytes under old checksums.
 """
 
 from __future__ import annotations
@@ -20,10 +22,12 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from jobs.preflight import PreflightError, driver_address, use_driver_address
 from vl.config import DATASETS
 from vl.data.annotations import DEFAULT_CLIP_LEN, Annotation, load_annotations
 from vl.data.features import (
@@ -46,7 +50,7 @@ from vl.data.shards import (
     write_manifest,
     write_shard,
 )
-from vl.storage import filesystem, join_uri, read_bytes, write_bytes
+from vl.storage import filesystem, join_uri, read_bytes, sha256_file, write_bytes
 
 
 @dataclass(frozen=True)
@@ -149,28 +153,44 @@ def _rows(anns: list[Annotation], settings: ShardSettings) -> Iterator[ShardRow]
         yield load_row(a, settings, cache)
 
 
-def qids_digest(anns: list[Annotation], settings: ShardSettings) -> str:
-    payload = json.dumps(
-        {"qids": [str(a.qid) for a in anns], "settings": settings.fingerprint()}, sort_keys=True
-    )
-    return hashlib.sha256(payload.encode()).hexdigest()
+def content_digest(anns: list[Annotation], settings: ShardSettings,
+                   file_digests: dict[Path, str]) -> str:  # fmt: skip
+    """What a shard's bytes are a function of: the settings, each annotation row as given, and
+    the bytes of every feature file it reads. A fixed label or re-extracted features change the
+    digest, so a re-run rewrites that shard (under a new name) instead of calling it done.
+    `file_digests` memoises each file's sha256 across the shards of one run."""
+    def digest_of(path: Path) -> str:
+        if path not in file_digests:
+            file_digests[path] = sha256_file(path)
+        return file_digests[path]
+
+    h = hashlib.sha256(json.dumps(settings.fingerprint(), sort_keys=True).encode())
+    for a in anns:
+        h.update(json.dumps(a.raw, sort_keys=True).encode())
+        for d in settings.video:
+            h.update(" ".join(digest_of(p) for p in video_feature_files(d, a.vid) or []).encode())
+        for d in settings.text:
+            path = text_feature_file(d, a.qid, settings.dataset)
+            h.update((digest_of(path) if path else "-").encode())
+    return h.hexdigest()
 
 
-def shard_name(index: int) -> str:
-    return f"shard-{index:05d}.parquet"
+def shard_name(index: int, digest: str) -> str:
+    """Content-addressed: new content never overwrites the bytes a live manifest points at."""
+    return f"shard-{index:05d}-{digest[:16]}.parquet"
 
 
 def convert_shard(
-    out: str, index: int, anns: list[Annotation], settings: ShardSettings
+    out: str, index: int, anns: list[Annotation], settings: ShardSettings, digest: str
 ) -> ShardInfo:
     """Write one shard and its completion record; safe to run in a Ray task."""
     info = write_shard(
         _rows(anns, settings),
         out,
-        shard_name(index),
+        shard_name(index, digest),
         settings.video_specs,
         settings.text_specs,
-        qids_sha256=qids_digest(anns, settings),
+        qids_sha256=digest,
         row_group_rows=settings.row_group_rows,
         compression=settings.compression,
     )
@@ -245,6 +265,15 @@ def run(
 
     Raises FileNotFoundError listing every missing (query, feature set) unless skip_missing.
     """
+    if rows_per_shard < 1:
+        raise ValueError(f"--rows-per-shard must be >= 1, got {rows_per_shard}")
+    if row_group_rows < 1:
+        raise ValueError(f"--row-group-rows must be >= 1, got {row_group_rows}")
+    for flag, value in (("--max-v-l", max_v_l), ("--max-q-l", max_q_l)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    if clip_len is not None and not clip_len > 0:  # also NaN
+        raise ValueError(f"--clip-len must be > 0, got {clip_len}")
     t0 = time.monotonic()
     clip_len = DEFAULT_CLIP_LEN[dataset] if clip_len is None else clip_len
     anns = load_annotations(annotations, dataset, clip_len=clip_len)
@@ -278,15 +307,37 @@ def run(
         max_q_l=max_q_l,
         skipped=skipped,
     )
-    write_manifest(out, manifest)
+    write_manifest(out, manifest)  # the swap: readers move to the new shards only now
+    removed = remove_unlisted(out, manifest)
     log(json.dumps({
         "out": out, "rows": manifest.num_rows, "shards": len(manifest.shards),
         "converted": len(todo), "reused": len(chunks) - len(todo),
-        "skipped_queries": len({s["qid"] for s in skipped}),
+        "skipped_queries": len({s["qid"] for s in skipped}), "removed_old": removed,
         "bytes": sum(s.bytes for s in manifest.shards),
         "seconds": round(time.monotonic() - t0, 2),
     }))  # fmt: skip
     return manifest
+
+
+def remove_unlisted(out: str, manifest: ShardManifest) -> int:
+    """Delete the shard files and records a previous run left that the new manifest no longer
+    lists (called after the manifest is in place, so no complete set ever loses a file)."""
+    fs, base = filesystem(out)
+    keep = {info.path for info in manifest.shards}
+    keep_parts = {f"{PARTS_DIR}/{Path(p).stem.rsplit('-', 1)[0]}.json" for p in keep}
+    removed = 0
+    for rel, keep_set in ((".", keep), (PARTS_DIR, keep_parts)):
+        folder = f"{base.rstrip('/')}/{rel}" if rel != "." else base
+        try:
+            names = [Path(p).name for p in fs.ls(folder, detail=False)]
+        except FileNotFoundError:
+            continue
+        for name in names:
+            relpath = name if rel == "." else f"{rel}/{name}"
+            if name.startswith("shard-") and relpath not in keep_set:
+                fs.rm_file(f"{folder.rstrip('/')}/{name}")
+                removed += rel == "."
+    return removed
 
 
 def drop_missing(anns: list[Annotation], video: list[FeatureDir], text: list[FeatureDir],
@@ -318,8 +369,10 @@ def convert_chunks(out: str, chunks: list[list[Annotation]], settings: ShardSett
                    ray_mode: str, log) -> tuple[list[ShardInfo], list[int]]:  # fmt: skip
     """Write every shard not already finished (as Ray tasks or in-process); returns every
     shard's manifest entry, in order, and the indices converted now."""
-    infos: list[ShardInfo | None] = [finished(out, i, qids_digest(chunk, settings))
-                                     for i, chunk in enumerate(chunks)]  # fmt: skip
+    file_digests: dict[Path, str] = {}
+    digests = [content_digest(chunk, settings, file_digests) for chunk in chunks]
+    infos: list[ShardInfo | None] = [finished(out, i, digest)
+                                     for i, digest in enumerate(digests)]  # fmt: skip
     todo = [i for i, info in enumerate(infos) if info is None]
     use_ray = bool(todo) and _want_ray(ray_mode)
     log(
@@ -330,14 +383,16 @@ def convert_chunks(out: str, chunks: list[list[Annotation]], settings: ShardSett
     if use_ray:
         ray = _ray()
         if not ray.is_initialized():
-            ray.init(address=os.environ.get("RAY_ADDRESS") or "auto", log_to_driver=False)
+            address = driver_address()
+            use_driver_address(address)
+            ray.init(address=address or "auto", log_to_driver=False)
         task = ray.remote(num_cpus=1)(convert_shard)
-        refs = {i: task.remote(out, i, chunks[i], settings) for i in todo}
+        refs = {i: task.remote(out, i, chunks[i], settings, digests[i]) for i in todo}
         for i, ref in refs.items():
             infos[i] = ray.get(ref)
     else:
         for i in todo:
-            infos[i] = convert_shard(out, i, chunks[i], settings)
+            infos[i] = convert_shard(out, i, chunks[i], settings, digests[i])
     return [i for i in infos if i is not None], todo
 
 
@@ -376,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
             ray_mode=args.ray_mode,
             log=lambda msg: print(msg, flush=True),
         )
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, PreflightError) as e:
         print(f"jobs.shard: error: {e}", file=sys.stderr)
         return 2
     return 0

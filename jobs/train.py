@@ -15,15 +15,19 @@ the same. The MLflow run is found again by its `vl.run_name` tag, so a resume ne
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
 import math
 import os
 import re
+import signal
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,17 +42,20 @@ from ray.train import (
     FailureConfig,
     RunConfig,
     ScalingConfig,
-    TrainingFailedError,
 )
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from jobs.preflight import (
     EXIT_BAD_INPUT,
     PreflightError,
+    check_capacity,
     check_data,
     check_storage,
     check_tracking,
     config_error,
+    driver_address,
+    require_manifest,
+    use_driver_address,
 )
 from vl import figures, serving, tracking
 from vl.checkpoint import (
@@ -67,7 +74,7 @@ from vl.data.shards import ShardManifest, read_manifest
 from vl.engine import build_optimizer, evaluate, train_one_epoch, unwrap
 from vl.losses import build_criterion
 from vl.model import build_model
-from vl.storage import exists, write_bytes
+from vl.storage import exists, join_uri, read_bytes, write_bytes
 
 PREDICTIONS_FILE = "val_predictions.jsonl"
 METRICS_FILE = "metrics.json"
@@ -89,9 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         epilog=(
             "Resume: rerun with the same --name and --storage; training continues from the latest "
-            "checkpoint and logs into the same MLflow run. Bad input (missing shards, a config "
-            "typo, an unreachable MLflow server or storage bucket) exits with code 2 before any "
-            "worker starts."
+            "checkpoint and logs into the same MLflow run. The config is compared with the one "
+            "the run started with: a difference exits with code 2 naming the keys (see "
+            "--allow-config-change); resubmitting a finished run is a no-op. Bad input "
+            "(missing shards, a config typo, an unreachable MLflow server or storage bucket) "
+            "exits with code 2 before any worker starts."
         ),
     )
     parser.add_argument("--config", required=True, type=Path,
@@ -119,6 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "a resumed run continues from its own checkpoint instead")
     parser.add_argument("--experiment", metavar="NAME",
                         help="MLflow experiment (default: the config's name)")
+    parser.add_argument("--allow-config-change", metavar="KEY[,KEY]", default="",
+                        help="on a resume, accept these config keys differing from the saved "
+                             "run's (e.g. train.epochs); any other difference is refused. The "
+                             "resumed optimizer and schedule keep their saved state, so a "
+                             "changed train.lr does not apply to them")
     return parser
 
 
@@ -147,6 +161,10 @@ class JobPlan:
     num_train: int = 0
     num_val: int = 0
     notes: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)  # config keys a resume accepts as changed
+    ray_address: str | None = None  # for ray.init (preflight.driver_address)
+    shards: dict[str, str] = field(default_factory=dict)  # split -> digest of its shard checksums
+    finished: dict[str, Any] | None = None  # the summary of an already finished run
 
     @property
     def selection_metric(self) -> str:
@@ -180,10 +198,91 @@ def prepare(args: argparse.Namespace) -> JobPlan:
     if args.init_from:
         check_init_weights(cfg, args.init_from)
     name = args.name or default_run_name(cfg)
-    return JobPlan(cfg=cfg, storage=args.storage, name=name,
+    plan = JobPlan(cfg=cfg, storage=args.storage, name=name,
                    experiment=args.experiment or cfg.name, register_as=args.register_as,
                    init_from=args.init_from, num_train=shape.num_train,
                    num_val=shape.num_val, notes=notes)
+    plan.shards = {split: shard_set_digest(uri, split)
+                   for split, uri in (("train", cfg.data.train), ("val", cfg.data.val))}
+    check_resume(plan, allowed_changes(args.allow_config_change, cfg))
+    plan.ray_address = driver_address()
+    return plan
+
+
+# ---- resume: the run it claims to be ---------------------------------------------------------
+RUN_RECORD = "run_record.json"  # under the run's storage: config + experiment (+ final summary)
+
+
+def shard_set_digest(uri: str, split: str) -> str:
+    """One digest of a shard set's content (its shards' sha256s): re-sharded data with other
+    rows or features under the same prefix is another data set for a resume."""
+    manifest = require_manifest(uri, split)
+    return hashlib.sha256(" ".join(s.sha256 for s in manifest.shards).encode()).hexdigest()
+
+
+def run_identity(plan: JobPlan) -> dict[str, Any]:
+    """Flat {dotted key: value} of what a resume must keep: the config, the experiment and the
+    shard sets' content."""
+    flat = {"experiment": plan.experiment, "register_as": plan.register_as,
+            **{f"shards.{k}": v for k, v in plan.shards.items()}}
+    flat.update(flatten(json.loads(json.dumps(plan.cfg.to_dict()))))
+    return flat
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def allowed_changes(text: str, cfg: ExperimentConfig) -> set[str]:
+    """--allow-config-change KEY[,KEY]: each key must be a config key (or `experiment`)."""
+    keys = {k.strip() for k in text.split(",") if k.strip()}
+    known = set(flatten(cfg.to_dict())) | {"experiment", "register_as", "shards.train",
+                                            "shards.val"}
+    unknown = sorted(keys - known)
+    if unknown:
+        raise PreflightError(f"--allow-config-change: unknown key(s) {', '.join(unknown)}")
+    return keys
+
+
+def check_resume(plan: JobPlan, allowed: set[str]) -> None:
+    """Compare the run's saved record with this submission before anything starts: a
+    difference outside `allowed` is a PreflightError naming every differing key; a finished
+    run resubmitted unchanged is marked `plan.finished` (nothing to do)."""
+    uri = join_uri(plan.run_uri, RUN_RECORD)
+    try:
+        if not exists(uri):
+            return
+        record = json.loads(read_bytes(uri))
+        saved = {"experiment": record["experiment"], "register_as": record.get("register_as"),
+                 **{f"shards.{k}": v for k, v in record.get("shards", {}).items()},
+                 **flatten(record["config"])}  # fmt: skip
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise PreflightError(f"cannot read the saved run record {uri}: {err}") from None
+    new = run_identity(plan)
+    diff = sorted(k for k in saved.keys() | new.keys() if saved.get(k) != new.get(k))
+    refused = [k for k in diff if k not in allowed]
+    if refused:
+        shown = "; ".join(f"{k}: {saved.get(k)!r} -> {new.get(k)!r}" for k in refused)
+        raise PreflightError(
+            f"--name {plan.name} resumes {plan.run_uri} with a different config ({shown}); "
+            f"pass --allow-config-change {','.join(refused)} to accept, or use another --name")
+    plan.changed = diff
+    if record.get("finished") is not None and not diff:
+        plan.finished = record["finished"]
+
+
+def write_run_record(plan: JobPlan, finished: dict[str, Any] | None = None) -> None:
+    record = {"name": plan.name, "experiment": plan.experiment,
+              "register_as": plan.register_as, "config": plan.cfg.to_dict(),
+              "shards": plan.shards, "finished": finished}  # fmt: skip
+    write_bytes(join_uri(plan.run_uri, RUN_RECORD),
+                json.dumps(record, indent=1, sort_keys=True, default=str).encode())
 
 
 def check_init_weights(cfg: ExperimentConfig, source: str) -> None:
@@ -562,13 +661,37 @@ def log_training_data(run_id: str, cfg: ExperimentConfig) -> None:
                      "video_features": [f.name for f in manifest.video_features],
                      "text_features": [f.name for f in manifest.text_features]})  # fmt: skip
 
+def connect(plan: JobPlan) -> bool:
+    """Join (or start) the Ray cluster and check that it can place the workers, before the
+    MLflow run is touched; returns whether GPU workers are used. Raises PreflightError."""
+    if not ray.is_initialized():
+        use_driver_address(plan.ray_address)
+        ray.init(address=plan.ray_address, log_to_driver=True)
+    scale = plan.cfg.scale
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    check_capacity(scale.num_workers, scale.cpus_per_worker,
+                   [float(n["Resources"].get("CPU", 0)) for n in nodes])
+    use_gpu = scale.use_gpu and cluster_has_gpus()
+    if scale.use_gpu and not use_gpu:
+        print("note: the config asks for GPU workers but the cluster has no GPU; "
+              "training on CPU (gloo)", flush=True)
+    return use_gpu
+
 
 def run(plan: JobPlan) -> dict[str, Any]:
     """Open the MLflow run, train under Ray, finalize. Raises on a failed training."""
+    use_gpu = connect(plan)
+    write_run_record(plan)
     run_id = tracking.start_or_resume_run(plan.experiment, plan.name)
-    tracking.log_params(run_id, {**plan.cfg.to_dict(), "job": {
+    params = tracking.flatten_params({**plan.cfg.to_dict(), "job": {
         "storage": plan.storage, "run_name": plan.name, "selection_metric": plan.selection_metric,
         "num_train": plan.num_train, "num_val": plan.num_val}})
+    # MLflow params are immutable: a key accepted by --allow-config-change keeps its first
+    # value as the param and the change is recorded as a tag.
+    tracking.log_params(run_id, {k: v for k, v in params.items() if k not in plan.changed})
+    if plan.changed:
+        MlflowClient().set_tag(run_id, f"vl.config_change.{int(time.time())}",
+                               ", ".join(plan.changed))
     MlflowClient().set_tag(run_id, "vl.checkpoints", plan.run_uri)
     log_training_data(run_id, plan.cfg)
     for note in plan.notes:
@@ -576,24 +699,40 @@ def run(plan: JobPlan) -> dict[str, Any]:
     print(f"run {plan.name}: MLflow run {run_id} (experiment {plan.experiment!r}), "
           f"checkpoints under {plan.run_uri}, {plan.num_train} train / {plan.num_val} val "
           f"samples, {plan.cfg.scale.num_workers} workers", flush=True)
-    if not ray.is_initialized():
-        ray.init(log_to_driver=True)
-    use_gpu = plan.cfg.scale.use_gpu and cluster_has_gpus()
-    if plan.cfg.scale.use_gpu and not use_gpu:
-        print("note: the config asks for GPU workers but the cluster has no GPU; "
-              "training on CPU (gloo)", flush=True)
-    try:
+    with closes_run(run_id):
         with tracking.system_metrics(run_id):
             result = build_trainer(plan, run_id, use_gpu).fit()
-    except (TrainingFailedError, KeyboardInterrupt):
+        if result.error is not None:
+            raise result.error
+        summary = finalize(plan, run_id, result)
+    tracking.finish_run(run_id, "FINISHED")
+    write_run_record(plan, finished=summary)
+    return summary
+
+
+@contextlib.contextmanager
+def closes_run(run_id: str) -> Iterator[None]:
+    """However the job ends, its MLflow run ends with it: KILLED on SIGTERM (`ray job stop`
+    sends it, then SIGKILL seconds later) or Ctrl-C, FAILED on an error; never left RUNNING."""
+    def on_sigterm(signum: int, _frame: Any) -> None:
+        tracking.finish_run(run_id, "KILLED")
+        raise SystemExit(128 + signum)
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, on_sigterm) if main_thread else None
+    try:
+        yield
+    except KeyboardInterrupt:
+        tracking.finish_run(run_id, "KILLED")
+        raise
+    except SystemExit:  # the SIGTERM handler has closed the run
+        raise
+    except BaseException:
         tracking.finish_run(run_id, "FAILED")
         raise
-    if result.error is not None:
-        tracking.finish_run(run_id, "FAILED")
-        raise result.error
-    summary = finalize(plan, run_id, result)
-    tracking.finish_run(run_id, "FINISHED")
-    return summary
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -604,7 +743,16 @@ def main(argv: list[str] | None = None) -> int:
     except PreflightError as err:
         print(f"jobs.train: {err}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
-    summary = run(plan)
+    if plan.finished is not None:
+        print(f"run {plan.name} already finished with this config (see {plan.run_uri}/"
+              f"{RUN_RECORD}); nothing to do", flush=True)
+        print("RESULT " + json.dumps(plan.finished, sort_keys=True, default=str), flush=True)
+        return 0
+    try:
+        summary = run(plan)
+    except PreflightError as err:
+        print(f"jobs.train: {err}", file=sys.stderr, flush=True)
+        return EXIT_BAD_INPUT
     print("RESULT " + json.dumps(summary, sort_keys=True, default=str), flush=True)
     return 0
 

@@ -14,6 +14,7 @@ from mlflow.tracking import MlflowClient
 from vl import serving, tracking
 from vl.checkpoint import (
     CheckpointMismatchError,
+    UnsafeCheckpointError,
     load_weights,
     read_weights,
     restore_training_state,
@@ -213,3 +214,40 @@ def test_training_state_resumes_the_same_run(tmp_path):
     assert state["epoch"] == 0 and state["best"] == {"value": 1.5}
     assert sched2.last_epoch == scheduler.last_epoch
     assert float(train_step(resumed, criterion, batch, opt2, epoch=1)["loss"]) == expected
+
+
+class _Payload:
+    """Unpickling this object creates its marker file: the stand-in for code planted in storage."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_planted_pickle_payload_is_refused_and_never_runs(tmp_path):
+    """A state.pt whose unpickling would run code: refused with a clear error, nothing runs."""
+    cfg = ExperimentConfig.from_preset("tiny")
+    model = build_model(cfg.model)
+    optimizer, scheduler = build_optimizer(model, cfg.train)
+    marker = tmp_path / "payload-ran"
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "epoch": 0, "rng": {},
+                "history": _Payload(marker)}, tmp_path / "state.pt")  # fmt: skip
+    with pytest.raises(UnsafeCheckpointError, match=r"state\.pt: refused"):
+        restore_training_state(tmp_path, model, optimizer, scheduler)
+    with pytest.raises(UnsafeCheckpointError, match="refused"):
+        read_weights(tmp_path / "state.pt")
+    assert not marker.exists()
+
+
+def test_training_state_is_plain_data(tmp_path):
+    """What write_training_state writes loads weights-only (tensors and plain containers)."""
+    cfg = ExperimentConfig.from_preset("tiny")
+    model = build_model(cfg.model)
+    optimizer, scheduler = build_optimizer(model, cfg.train)
+    write_training_state(tmp_path, model, optimizer, scheduler, 2, global_step=7,
+                         history={"train_loss": [1.0, 0.5]}, best={"value": 0.5})  # fmt: skip
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
+    assert state["epoch"] == 2 and state["history"] == {"train_loss": [1.0, 0.5]}

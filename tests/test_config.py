@@ -107,3 +107,16 @@ def test_apply_values_sets_dotted_paths_like_set():
     assert raw["loss"]["hl_coef"] == 1.0  # the input is not modified
     cfg = ExperimentConfig.from_dict(by_value)
     assert (cfg.loss.hl_coef, cfg.train.seed) == (5.0, 3)
+
+
+@pytest.mark.parametrize("override,key", [
+    ("train.lr=nan", "train.lr"), ("train.lr=.inf", "train.lr"), ("train.lr=0", "train.lr"),
+    ("train.lr_drop=0", "train.lr_drop"), ("data.batch_size=-4", "data.batch_size"),
+    ("data.eval_batch_size=0", "data.eval_batch_size"),
+    ("scale.cpus_per_worker=0", "scale.cpus_per_worker"),
+])
+def test_impossible_training_values_name_their_key(override, key):
+    """NaN / zero lr, lr_drop=0 (a ZeroDivisionError inside StepLR otherwise) and non-positive
+    batch sizes are refused at load time, naming the key."""
+    with pytest.raises(ConfigError, match=f"key '{key}'"):
+        ExperimentConfig.from_preset("tiny", [override])

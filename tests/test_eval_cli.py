@@ -79,10 +79,52 @@ def test_success_prints_brief_and_writes_full(files, capsys):
 def test_bad_input_is_one_line_and_exit_2(files, capsys, rows, message):
     tmp, gt = files
     sub = write(tmp / "sub.jsonl", rows)
-    code, out, err = run_main(capsys, "qvhighlights", "--submission", sub, "--gt", gt)
+    code, out, err = run_main(capsys, "qvhighlights", "--submission", sub, "--gt", gt,
+                              "--strict")
     assert code == 2 and out == ""
     assert err.count("\n") == 1 and err.startswith("vl.eval: error: ")
     assert __import__("re").search(message, err), err
+
+
+def test_reversed_window_scores_iou_0_with_a_warning_unless_strict(files, capsys):
+    """The official evaluation scores a window with start > end (IoU 0); so does vl.eval, with
+    a warning naming the qid; --strict refuses it."""
+    tmp, gt = files
+    sub = write(tmp / "sub.jsonl", [sub_row(1), {**sub_row(2), "pred_relevant_windows":
+                                                 [[4, 0, 0.9]]}])  # fmt: skip
+    out_path = tmp / "m.json"
+    code, out, err = run_main(capsys, "qvhighlights", "--submission", sub, "--gt", gt,
+                              "--out", out_path)
+    assert code == 0 and json.loads(out)["MR-full-R1@0.5"] == 50.0
+    assert err.startswith("vl.eval: warning: ") and err.count("\n") == 1
+    assert "sub.jsonl:2 qid 2" in err and "IoU 0" in err
+    code, out, err = run_main(capsys, "qvhighlights", "--submission", sub, "--gt", gt,
+                              "--strict")
+    assert code == 2 and "qid 2" in err and "negative length" in err
+
+
+@pytest.mark.parametrize(("line", "message"), [
+    ("[" * 100_000 + "]" * 100_000, r"sub\.jsonl:1: JSON nested too deeply"),
+    ('{"qid": ' + "9" * 5000 + "}", r"sub\.jsonl:1: unreadable JSON value"),
+])
+def test_hostile_json_is_one_line_and_exit_2(files, capsys, line, message):
+    tmp, gt = files
+    sub = write(tmp / "sub.jsonl", [line])
+    code, out, err = run_main(capsys, "qvhighlights", "--submission", sub, "--gt", gt)
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert __import__("re").search(message, err), err
+
+
+def test_metrics_json_holds_no_nan(files, capsys):
+    """A metric that is NaN (no GT window in a length bucket) is written as null: JSON."""
+    tmp, gt = files
+    sub = write(tmp / "sub.jsonl", [sub_row(2), sub_row(1)])
+    out_path = tmp / "m.json"
+    assert run_main(capsys, "qvhighlights", "--submission", sub, "--gt", gt,
+                    "--out", out_path)[0] == 0
+    text = out_path.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
 
 
 def test_missing_file_and_gt_errors(files, capsys):

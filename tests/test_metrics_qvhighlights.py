@@ -339,7 +339,8 @@ def test_errors_name_qid_and_field():
     with pytest.raises(EvalInputError, match=r"qid 2: field 'pred_relevant_windows'.*non-finite"):
         evaluate_qvhighlights([sub_row(1, [[0, 1, 1]]), sub_row(2, [[0, float("nan"), 1]])], gt)
     with pytest.raises(EvalInputError, match=r"qid 1: .*window 0 has negative length"):
-        evaluate_qvhighlights([sub_row(1, [[5, 1, 1]]), sub_row(2, [[0, 1, 1]])], gt)
+        evaluate_qvhighlights([sub_row(1, [[5, 1, 1]]), sub_row(2, [[0, 1, 1]])], gt,
+                              strict=True)
     with pytest.raises(EvalInputError, match=r"1 qid\(s\) .* missing .*first: 2\)"):
         evaluate_qvhighlights([sub_row(1, [[0, 1, 1]])], gt)
     with pytest.raises(EvalInputError, match=r"appears twice"):

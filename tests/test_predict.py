@@ -98,3 +98,14 @@ def test_predict_missing_shards_fails_fast(mlflow_env, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"no shard manifest at {tmp_path / 'nope'}" in err
     assert not (tmp_path / "p.jsonl").exists()
+
+
+@pytest.mark.parametrize("flag,value", [("--batch-size", "-1"), ("--batch-size", "0"),
+                                        ("--top-k", "0"), ("--iou", "nan")])
+def test_predict_impossible_numbers_exit_2(tmp_path, capsys, flag, value):
+    code = main(["--model", "models:/nothing@champion", "--data", str(tmp_path / "x"),
+                 "--out", str(tmp_path / "p.jsonl"), flag, value])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and flag in err
+    assert not (tmp_path / "p.jsonl").exists()
+

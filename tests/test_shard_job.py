@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from cluster.local.common import NO_TELEMETRY_ENV
 from jobs.shard import main, run
+from tests.jobs import REPO, client_env
 from vl.data.annotations import load_annotations
 from vl.data.shards import read_annotations, read_manifest
 from vl.data.synthetic import SyntheticConfig, generate
@@ -125,3 +130,85 @@ def test_ray_tasks_write_the_same_shards(
         ray.shutdown()
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert [s.sha256 for s in remote.shards] == [s.sha256 for s in local.shards]
+
+
+def _summary(out: str) -> dict:
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_a_fixed_label_or_new_features_reshard_under_new_names(tmp_path: Path, capsys) -> None:
+    """The "already done" digest covers the annotation rows and the feature bytes: a fixed label
+    or a re-extracted feature file rewrites its shard under a new name, the manifest moves to
+    it, and the old file goes only after that."""
+    raw = generate(SyntheticConfig("qvhighlights", videos=4, seed=6, dims=DIMS), tmp_path / "raw")
+    out = str(tmp_path / "shards")
+    assert main(_args(raw, out)) == 0
+    before = read_manifest(out)
+    capsys.readouterr()
+
+    lines = raw.train_jsonl.read_text().splitlines()
+    first = json.loads(lines[0])
+    first["saliency_scores"] = [[4, 4, 4] for _ in first["saliency_scores"]]  # a fixed label
+    raw.train_jsonl.write_text("\n".join([json.dumps(first), *lines[1:]]) + "\n")
+    assert main(_args(raw, out)) == 0
+    assert _summary(capsys.readouterr().out)["converted"] == 1
+    after = read_manifest(out)
+    assert after.shards[0].path != before.shards[0].path
+    assert after.shards[1:] == before.shards[1:]
+    assert read_annotations(out)[0]["saliency_scores"] == first["saliency_scores"]
+    assert not (Path(out) / before.shards[0].path).exists()  # removed after the swap
+
+    last = json.loads(lines[-1])  # re-extract the features of the last query's video
+    feature = next((raw.root / "slowfast_features").glob(f"{last['vid']}.npz"))
+    with np.load(feature) as z:
+        arrays = {k: z[k] for k in z.files}
+    np.savez(feature, **{k: v * 2 + 1 for k, v in arrays.items()})
+    assert main(_args(raw, out)) == 0
+    assert _summary(capsys.readouterr().out)["converted"] >= 1
+    assert read_manifest(out).shards[-1].path != after.shards[-1].path
+
+
+@pytest.mark.parametrize("flag", ["--rows-per-shard", "--row-group-rows", "--max-v-l",
+                                  "--max-q-l"])
+@pytest.mark.parametrize("value", ["0", "-3"])
+def test_non_positive_shard_sizes_are_refused(layout, tmp_path: Path, capsys, flag, value):
+    out = tmp_path / "o"
+    args = _args(layout, str(out))
+    if flag in args:
+        args[args.index(flag) + 1] = value
+    else:
+        args += [flag, value]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{flag} must be >= 1, got {value}" in err
+    assert not out.exists()
+
+
+def test_non_positive_clip_len_is_refused(layout, tmp_path: Path, capsys):
+    assert main(_args(layout, str(tmp_path / "o"), "--clip-len", "nan")) == 2
+    assert "--clip-len must be > 0, got nan" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_readme_sequence_shard_with_the_stacks_ray_address(layout, local_stack_env, tmp_path):
+    """After `eval "$(python -m cluster.local.stack up)"` RAY_ADDRESS is the dashboard URL
+    (right for `ray job submit`); `python -m jobs.shard` run directly still joins the head
+    (through the GCS address the stack exports beside it) and shards with Ray tasks."""
+    env = client_env(local_stack_env)
+    assert env["RAY_ADDRESS"].startswith("http://")
+    out = tmp_path / "shards"
+    args = _args(layout, str(out))
+    args[args.index("--ray") + 1] = "auto"
+    proc = subprocess.run([sys.executable, "-m", "jobs.shard", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "with Ray tasks" in proc.stdout
+    assert read_manifest(str(out)).num_rows == len(load_annotations(layout.train_jsonl,
+                                                                    "qvhighlights"))
+
+    env.pop("VL_RAY_GCS_ADDRESS")  # a dashboard URL and nothing else: one clear line
+    args[args.index("--out") + 1] = str(tmp_path / "other")
+    proc = subprocess.run([sys.executable, "-m", "jobs.shard", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 2 and "is the job API URL" in proc.stderr
+    assert proc.stderr.count("\n") == 1 and not (tmp_path / "other").exists()

@@ -7,12 +7,15 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from vl.data.dataset import ShardDataset
 from vl.data.features import l2_normalize
 from vl.data.shards import (
     FeatureSpec,
+    ShardCorruptError,
     ShardManifest,
     ShardRow,
     decode_features,
@@ -129,3 +132,59 @@ def test_s3_enforces_credentials(s3_env, monkeypatch: pytest.MonkeyPatch, tmp_pa
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret")
     with pytest.raises((PermissionError, OSError)):
         write_shard(_rows(1), "s3://vl-data/test_shards/denied", "a.parquet", VIDEO, TEXT)
+
+
+def _flip_bit(path: Path, offset: int = -200) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.integration
+def test_a_corrupted_cache_entry_is_evicted_and_fetched_again(s3_env, tmp_path: Path) -> None:
+    """A flipped bit in a cached shard is caught on the next process's first use (here: the
+    file changed since it was verified) and the shard is downloaded again."""
+    out = "s3://vl-data/test_shards/bitflip"
+    info = write_shard(_rows(6), out, "shard-00000.parquet", VIDEO, TEXT, row_group_rows=4)
+    write_manifest(out, _manifest([info]))
+    cache = tmp_path / "cache"
+    local = fetch_shard(out, info, cache)
+    _flip_bit(local)
+    assert hashlib.sha256(local.read_bytes()).hexdigest() != info.sha256
+    again = fetch_shard(out, info, cache)
+    assert again == local and hashlib.sha256(again.read_bytes()).hexdigest() == info.sha256
+
+
+def test_a_local_shard_that_does_not_match_its_manifest_is_refused(tmp_path: Path) -> None:
+    out = str(tmp_path / "set")
+    info = write_shard(_rows(6), out, "shard-00000.parquet", VIDEO, TEXT, row_group_rows=4)
+    _flip_bit(tmp_path / "set" / "shard-00000.parquet")
+    with pytest.raises(ShardCorruptError, match=r"shard .*shard-00000\.parquet does not match"):
+        fetch_shard(out, info, None)
+
+
+def _rewrite(path: Path, edit) -> dict:
+    """Rewrite a shard file through `edit(table) -> table`; its new size and sha256, as a
+    manifest entry made for bad bytes would record them."""
+    table = edit(pq.read_table(path))
+    pq.write_table(table, path, row_group_size=4)
+    return {"bytes": path.stat().st_size,
+            "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+
+
+def test_a_corrupt_row_names_shard_row_group_and_qid(tmp_path: Path) -> None:
+    out = str(tmp_path / "set")
+    info = write_shard(_rows(6), out, "shard-00000.parquet", VIDEO, TEXT, row_group_rows=4)
+
+    def longer_first_video(table):  # row 0 claims one clip more than its blobs hold
+        n = table.column("n_clips").to_pylist()
+        n[0] += 1
+        i = table.schema.get_field_index("n_clips")
+        return table.set_column(i, table.schema.field(i), pa.array(n, table.schema.field(i).type))
+
+    fixed = _rewrite(tmp_path / "set" / "shard-00000.parquet", longer_first_video)
+    info.bytes, info.sha256 = fixed["bytes"], fixed["sha256"]
+    write_manifest(out, _manifest([info]))
+    with pytest.raises(ShardCorruptError,
+                       match=r"shard .*shard-00000\.parquet: row group 0, qid 0: feature blob"):
+        list(ShardDataset(out, shuffle=False))

@@ -203,6 +203,59 @@ def test_champion_alias_moves_only_to_a_better_model(mlflow_env, tmp_path):
     assert client.get_model_version_by_alias(low, "champion").version != worse_v
 
 
+def _lineage_run(experiment: str, dataset: str) -> str:
+    """A run with the config params jobs.train logs that decide a version's lineage."""
+    run_id = tracking.start_or_resume_run(experiment, _name("run"))
+    tracking.log_params(run_id, {"data": {"dataset": dataset, "video_features": ["clip"],
+                                          "text_features": ["clip"]}})
+    return run_id
+
+
+def test_registering_the_same_checkpoint_again_is_a_no_op(mlflow_env, tmp_path):
+    """A resubmitted finished run registers its best checkpoint again: same version back, no
+    second version."""
+    name = _name("vl-again")
+    run_id = _lineage_run(_name("exp"), "qvhighlights")
+    ckpt = _fake_checkpoint(tmp_path)
+    source = serving.log_model(run_id, ckpt)
+    first = tracking.register_version(run_id, source, name, "MR-full-mAP", 30.0)
+    again = tracking.register_version(run_id, source, name, "MR-full-mAP", 30.0)
+    assert first == again == ("1", True)
+    assert len(MlflowClient().search_model_versions(f"name = '{name}'")) == 1
+
+
+def test_champion_stays_within_its_dataset_and_metric(mlflow_env, tmp_path):
+    name = _name("vl-lineage")
+    experiment = _name("exp")
+    ckpt = _fake_checkpoint(tmp_path)
+    qv = _lineage_run(experiment, "qvhighlights")
+    v1, champ1 = serving.log_and_register_model(qv, ckpt, name, "MR-full-mAP", 30.0)
+    charades = _lineage_run(experiment, "charades")
+    v2, champ2 = serving.log_and_register_model(charades, ckpt, name, "MR-full-mAP", 90.0)
+    v3, champ3 = serving.log_and_register_model(qv, ckpt, name, "HL-min-VeryGood-mAP", 95.0)
+    assert (champ1, champ2, champ3) == (True, False, False)
+    client = MlflowClient()
+    assert client.get_model_version_by_alias(name, "champion").version == v1
+    assert client.get_model_version(name, v2).tags["vl.lineage.data.dataset"] == "charades"
+
+
+def test_champion_move_is_rechecked_against_a_concurrent_registration(mlflow_env, tmp_path):
+    """Another job registered a better version but has not moved the alias yet: our worse
+    version, though it beats the current champion, must not be left as champion."""
+    name = _name("vl-race")
+    run_id = _lineage_run(_name("exp"), "qvhighlights")
+    ckpt = _fake_checkpoint(tmp_path)
+    v1, _ = serving.log_and_register_model(run_id, ckpt, name, "MR-full-mAP", 30.0)
+    client = MlflowClient()
+    tags = dict(client.get_model_version(name, v1).tags)
+    other = client.create_model_version(
+        name, source=client.get_model_version(name, v1).source, run_id=run_id,
+        tags={**tags, tracking.SELECTION_VALUE_TAG: "40.0"}).version
+    mine, champion = serving.log_and_register_model(run_id, ckpt, name, "MR-full-mAP", 35.0)
+    assert not champion
+    assert client.get_model_version_by_alias(name, "champion").version == str(other) != mine
+
+
 def test_pyfunc_roundtrip(mlflow_env, tmp_path):
     """The registered champion, loaded by URI, predicts the same rows as the bare model on
     each sample alone (so padding two samples of different length changes nothing)."""

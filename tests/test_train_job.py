@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -24,10 +25,19 @@ from ray.job_submission import JobStatus, JobSubmissionClient
 from cluster.local.common import free_port, wait_for
 from jobs.predict import main as predict_main
 from jobs.predict import shard_inputs
-from jobs.preflight import check_data
+from jobs.preflight import PreflightError, check_capacity, check_data
 from jobs.shard import run as shard_run
-from jobs.train import check_init_weights, main, manifest_digest
+from jobs.train import (
+    build_parser,
+    check_init_weights,
+    closes_run,
+    main,
+    manifest_digest,
+    prepare,
+    write_run_record,
+)
 from tests.jobs import client_env, submit
+from vl import tracking
 from vl.config import ExperimentConfig
 from vl.data.shards import read_manifest
 from vl.data.synthetic import SyntheticConfig, generate
@@ -141,6 +151,8 @@ def test_submit_stop_resubmit_register_and_predict(shards, stack_env, mlflow_env
         jobs.stop_job(first)
     wait_for(lambda: jobs.get_job_status(first).is_terminal(), 60, "the stopped job")
     assert jobs.get_job_status(first) == JobStatus.STOPPED
+    # the stopped job closed its MLflow run (KILLED), rather than leaving it RUNNING
+    assert [r.info.status for r in _runs("videolights-smoke", name)] == ["KILLED"]
 
     done = submit(stack_env, f"{name}-b", entry)
     log = done.stdout + done.stderr
@@ -325,3 +337,108 @@ def test_init_from_compatible_weights_passes_preflight(shards, stack_env, mlflow
     path = tmp_path / "pretrained.pt"
     torch.save({"model": state}, path)
     check_init_weights(cfg, str(path))  # no PreflightError
+
+
+# ---- a resume is the run it claims to be (driver level: no worker starts) -------------------
+def _resume_args(shards: str, storage: Path, name: str, *extra: str) -> list[str]:
+    return ["--config", "configs/smoke.yaml", "--data", shards, "--storage", str(storage),
+            "--name", name, *extra]
+
+
+def test_resume_with_another_config_is_refused_naming_the_keys(shards, stack_env, mlflow_env,
+                                                               tmp_path, capsys):
+    name = f"drift-{_uid()}"
+    plan = prepare(build_parser().parse_args(_resume_args(shards, tmp_path, name)))
+    write_run_record(plan)  # what the first submission wrote before training
+    run_id = tracking.start_or_resume_run(plan.experiment, name)
+    tracking.finish_run(run_id, "KILLED")
+
+    code, err = _train_main(_resume_args(shards, tmp_path, name, "--set", "train.lr=0.001",
+                                         "--set", "train.epochs=9"), capsys)
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert f"train.lr: {plan.cfg.train.lr!r} -> 0.001" in err and "train.epochs: " in err
+    assert "--allow-config-change train.epochs,train.lr" in err
+    assert MlflowClient().get_run(run_id).info.status == "KILLED"  # the run is untouched
+
+    code, err = _train_main(_resume_args(shards, tmp_path, name, "--experiment", "elsewhere"),
+                            capsys)
+    assert code == 2 and "experiment: 'videolights-smoke' -> 'elsewhere'" in err
+
+    allowed = prepare(build_parser().parse_args(_resume_args(
+        shards, tmp_path, name, "--set", "train.epochs=9",
+        "--allow-config-change", "train.epochs")))
+    assert allowed.changed == ["train.epochs"] and allowed.finished is None
+
+    plan.shards["val"] = "0" * 64  # the run started on other val data under the same prefix
+    write_run_record(plan)
+    code, err = _train_main(_resume_args(shards, tmp_path, name), capsys)
+    assert code == 2 and "shards.val: '0000" in err
+
+
+def test_resubmitting_a_finished_run_is_a_no_op(shards, stack_env, mlflow_env, tmp_path,
+                                                capsys):
+    name = f"done-{_uid()}"
+    plan = prepare(build_parser().parse_args(_resume_args(shards, tmp_path, name)))
+    write_run_record(plan, finished={"run_name": name, "version": "1"})
+    code = main(_resume_args(shards, tmp_path, name))
+    out = capsys.readouterr().out
+    assert code == 0 and not ray.is_initialized()
+    assert "already finished" in out and '"version": "1"' in out
+    assert _runs_or_none(plan.experiment, name) == []  # no MLflow run was opened
+
+
+def _runs_or_none(experiment: str, name: str) -> list:
+    if MlflowClient().get_experiment_by_name(experiment) is None:
+        return []
+    return _runs(experiment, name)
+
+
+@pytest.mark.parametrize("override,key", [("train.lr=nan", "train.lr"),
+                                          ("train.lr=0", "train.lr"),
+                                          ("train.lr_drop=0", "train.lr_drop"),
+                                          ("data.batch_size=-8", "data.batch_size")])
+def test_impossible_training_values_exit_2_before_anything(override, key, capsys):
+    code, err = _train_main(["--config", "configs/smoke.yaml", "--data", "s3://vl-data/x",
+                             "--set", override], capsys)
+    assert code == 2 and err.count("\n") == 1 and f"key '{key}'" in err
+
+
+
+def test_check_capacity_counts_whole_workers_per_node():
+    check_capacity(2, 1.0, [2.0])
+    check_capacity(3, 1.5, [3.0, 1.5])
+    with pytest.raises(PreflightError, match=r"too small .*num_workers=2 x .*cpus_per_worker=1\.5"):
+        check_capacity(2, 1.5, [2.0, 1.0])  # 3.0 CPUs in total, but one worker per node fits
+
+
+def test_direct_run_joins_the_stack_and_fails_fast_when_it_is_too_small(shards, stack_env):
+    """README: after `stack up`, RAY_ADDRESS is the dashboard URL; `python -m jobs.train` run
+    directly joins the head anyway, and a cluster too small for the workers fails in seconds
+    with one line instead of waiting for resources forever (no MLflow run opened)."""
+    name = f"small-{_uid()}"
+    t0 = time.monotonic()
+    proc = subprocess.run(_entrypoint("--data", shards, "--storage", "s3://vl-runs/test_train_job",
+                                      "--name", name, "--set", "scale.num_workers=5"),
+                          cwd=REPO, env=stack_env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("jobs.train:")]
+    assert len(lines) == 1 and "too small for scale.num_workers=5" in lines[0], proc.stderr
+    assert time.monotonic() - t0 < 90
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", stack_env["MLFLOW_TRACKING_URI"])
+        assert _runs_or_none("videolights-smoke", name) == []
+
+
+@pytest.mark.parametrize("ending,status", [("error", "FAILED"), ("ctrl-c", "KILLED"),
+                                           ("sigterm", "KILLED")])
+def test_a_job_that_ends_closes_its_run(mlflow_env, ending, status):
+    """However the driver ends (an error, Ctrl-C, `ray job stop`'s SIGTERM), its MLflow run is
+    FAILED or KILLED, never left RUNNING."""
+    run_id = tracking.start_or_resume_run(f"close-{_uid()}", "r")
+    expected = {"error": ValueError, "ctrl-c": KeyboardInterrupt, "sigterm": SystemExit}[ending]
+    with pytest.raises(expected), closes_run(run_id):
+        if ending == "sigterm":
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler interrupts this at once
+        raise {"error": ValueError, "ctrl-c": KeyboardInterrupt}[ending]()
+    assert MlflowClient().get_run(run_id).info.status == status

@@ -314,6 +314,17 @@ def test_unknown_features_and_missing_data_are_clear_errors(capsys):
     assert "is now --cpus-per-trial" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv,named", [
+    (["--set", "train.lr=nan"], "train.lr"), (["--set", "train.lr_drop=0"], "train.lr_drop"),
+    (["--set", "data.batch_size=-2"], "data.batch_size"),
+    (["--cpus-per-trial", "0"], "--cpus-per-trial"), (["--num-samples", "-1"], "--num-samples"),
+])
+def test_impossible_values_exit_2_naming_the_key(capsys, argv, named):
+    assert main(["--config", str(SMOKE), "--data", "/nowhere", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and named in err
+
+
 
 def test_sampled_search_starts_at_the_box_corners_then_samples_inside():
     corners = space.corner_start()

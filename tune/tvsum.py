@@ -197,6 +197,14 @@ def _parser() -> argparse.ArgumentParser:
 def spec_from_args(args: argparse.Namespace) -> SearchSpec:
     if args.old_workers_per_trial is not None:
         raise ConfigError("--workers-per-trial is now --cpus-per-trial (CPU cores per trial)")
+    for flag, value, low in (("--cpus-per-trial", args.cpus_per_trial, 1e-9),
+                             ("--gpus-per-trial", args.gpus_per_trial, 0.0),
+                             ("--num-samples", args.num_samples or 1, 1),
+                             ("--max-concurrent", args.max_concurrent, 0),
+                             ("--checkpoint-every", args.checkpoint_every, 0)):  # fmt: skip
+        if not value >= low:  # also NaN
+            raise ConfigError(f"{flag} must be {'> 0' if low == 1e-9 else f'>= {low}'}, "
+                              f"got {value}")
     cfg = build_config(args.config, args.features, args.overrides, args.epochs)
     if args.data:
         train_uri, val_uri = f"{args.data.rstrip('/')}/train", f"{args.data.rstrip('/')}/val"

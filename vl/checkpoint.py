@@ -10,6 +10,10 @@ A checkpoint directory (jobs.train's Ray checkpoint, a tune trial's checkpoint) 
   0-based), "rng" (torch, python, numpy), plus the owner's progress keys}, what a resumed run
   continues from.
 
+Both hold only tensors and plain containers and every read is `torch.load(weights_only=True)`:
+a file planted in the checkpoint storage that needs any other class is refused
+(UnsafeCheckpointError) before it can run code on a worker.
+
 A weights source (`read_weights`, `load_weights`) is one of
 - a checkpoint file, local or s3:// (a dict with key `model`, or a bare state_dict);
 - a checkpoint directory, local or s3:// (model.pt or else state.pt inside);
@@ -26,6 +30,7 @@ tensor named, rather than loading half the network.
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import tempfile
 from collections.abc import Mapping
@@ -55,10 +60,12 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    """The state of every generator `seed_everything` seeds, as plain (picklable) values."""
+    """The state of every generator `seed_everything` seeds, as a tensor and plain lists of
+    numbers and strings: what `torch.load(weights_only=True)` accepts."""
     name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "numpy": [name, keys.tolist(), pos, has_gauss, cached]}
+    version, internal, gauss = random.getstate()
+    return {"torch": torch.get_rng_state(), "python": [version, list(internal), gauss],
+            "numpy": [str(name), keys.tolist(), int(pos), int(has_gauss), float(cached)]}
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
@@ -96,13 +103,30 @@ def write_training_state(
                Path(directory) / STATE_FILE)  # fmt: skip
 
 
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint file holds more than tensors and plain containers (numbers, strings, lists,
+    dicts): unpickling it could run code, so it is refused unread."""
+
+
+def read_training_state(directory: str | Path) -> dict[str, Any]:
+    """STATE_FILE of `directory`, read weights-only: whoever can write the checkpoint storage
+    must not be able to run code on the workers that resume from it."""
+    path = Path(directory) / STATE_FILE
+    state = _safe_load(path, str(path))
+    if not isinstance(state, dict) or not {"model", "optimizer", "scheduler", "epoch",
+                                           "rng"} <= set(state):  # fmt: skip
+        raise ValueError(f"{path}: not a training state (expected a dict with model, optimizer, "
+                         "scheduler, epoch and rng)")
+    return state
+
+
 def restore_training_state(
     directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
 ) -> dict[str, Any]:  # fmt: skip
     """Load STATE_FILE into the model, optimizer, scheduler and generators; returns the whole
     state dict (its `epoch` and the owner's progress keys)."""
-    state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False)
+    state = read_training_state(directory)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
@@ -162,9 +186,25 @@ def _state_dict_of(obj: Any, source: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def _torch_load(path: str | Path, source: str) -> Any:
+def _safe_load(path: str | Path, source: str) -> Any:
+    """torch.load restricted to tensors and plain containers; a file that needs any other
+    class (a pickled object, a code payload) raises UnsafeCheckpointError before it runs."""
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        lines = [ln.strip() for ln in str(err).splitlines()]
+        cause = next((ln for ln in lines if "Unsupported" in ln or "error:" in ln),
+                     type(err).__name__).split(". Please")[0]
+        raise UnsafeCheckpointError(
+            f"{source}: refused: the file holds objects other than tensors and plain containers "
+            f"(only weights-only checkpoints are loaded; {cause})") from None
+
+
+def _torch_load(path: str | Path, source: str) -> Any:
+    try:
+        return _safe_load(path, source)
+    except UnsafeCheckpointError:
+        raise
     except Exception as err:  # noqa: BLE001 - torch raises many types for a bad file
         raise ValueError(f"{source}: cannot read as a torch checkpoint ({type(err).__name__}: "
                          f"{err})") from None

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -285,8 +286,15 @@ class ExperimentConfig:
             raise bad("data.clip_len", f"must be > 0, got {d.clip_len}")
         if t.epochs < 1:
             raise bad("train.epochs", f"must be >= 1, got {t.epochs}")
-        if t.lr <= 0:
-            raise bad("train.lr", f"must be > 0, got {t.lr}")
+        if not (math.isfinite(t.lr) and t.lr > 0):
+            raise bad("train.lr", f"must be a finite number > 0, got {t.lr}")
+        if t.lr_drop < 1:
+            raise bad("train.lr_drop", f"must be >= 1 (epochs between lr drops), got {t.lr_drop}")
+        for key in ("weight_decay", "lr_gamma", "grad_clip"):
+            if not math.isfinite(getattr(t, key)):
+                raise bad(f"train.{key}", f"must be a finite number, got {getattr(t, key)}")
+        if not (math.isfinite(self.scale.cpus_per_worker) and self.scale.cpus_per_worker > 0):
+            raise bad("scale.cpus_per_worker", f"must be > 0, got {self.scale.cpus_per_worker}")
         if t.eval_every < 1:
             raise bad("train.eval_every", f"must be >= 1, got {t.eval_every}")
         if self.scale.num_workers < 1:

@@ -203,11 +203,75 @@ def log_figure(run_id: str, fig: Figure, name: str) -> None:
     MlflowClient().log_figure(run_id, fig, f"plots/{name}")
 
 
-def _metric_of(version: Any, metric_name: str) -> float | None:
+LINEAGE_PARAMS = ("data.dataset", "data.video_features", "data.text_features")
+LINEAGE_TAG_PREFIX = "vl.lineage."
+
+
+def _lineage_of_run(client: MlflowClient, run_id: str) -> dict[str, str]:
+    """The run's dataset and feature sets (from its logged config params) as version tags."""
+    params = client.get_run(run_id).data.params
+    return {LINEAGE_TAG_PREFIX + k: params.get(k, "") for k in LINEAGE_PARAMS}
+
+
+def _lineage_of(version: Any) -> dict[str, str] | None:
+    """A version's lineage tags; None for a version registered before lineage was recorded."""
     tags = version.tags or {}
-    if tags.get(SELECTION_METRIC_TAG) != metric_name or SELECTION_VALUE_TAG not in tags:
+    keys = [LINEAGE_TAG_PREFIX + k for k in LINEAGE_PARAMS]
+    if not any(k in tags for k in keys):
         return None
-    return float(tags[SELECTION_VALUE_TAG])
+    return {k: tags.get(k, "") for k in keys}
+
+
+def _same_checkpoint(client: MlflowClient, name: str, run_id: str, source: str,
+                     tags: Mapping[str, str]) -> str | None:  # fmt: skip
+    """The version already registered from this run's `source` with this selection value: a
+    resubmitted finished run registers the same checkpoint again, which must be a no-op."""
+    for version in client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
+        vt = version.tags or {}
+        if version.source == source and all(vt.get(k) == v for k, v in tags.items()):
+            return str(version.version)
+    return None
+
+
+def _best_comparable(client: MlflowClient, name: str, tags: Mapping[str, str],
+                     higher_is_better: bool) -> str | None:  # fmt: skip
+    """The best version of `name` with the same lineage and selection metric as `tags`, read
+    fresh from the registry (ties: the oldest version keeps it)."""
+    keys = [k for k in tags if k.startswith(LINEAGE_TAG_PREFIX)] + [SELECTION_METRIC_TAG]
+    best: tuple[float, int] | None = None
+    for version in client.search_model_versions(f"name = '{name}'"):
+        vt = version.tags or {}
+        if SELECTION_VALUE_TAG not in vt or any(vt.get(k) != tags[k] for k in keys):
+            continue
+        value = float(vt[SELECTION_VALUE_TAG])
+        key = (value if higher_is_better else -value, -int(version.version))
+        if best is None or key > best:
+            best = key
+    return None if best is None else str(-best[1])
+
+
+def _move_champion(client: MlflowClient, name: str, tags: Mapping[str, str],
+                   higher_is_better: bool) -> str | None:  # fmt: skip
+    """Point `champion` at the best comparable version, decided on a fresh read of the alias
+    and the versions right before the move (so of two concurrent jobs, the one that moves last
+    sees both versions and leaves the better one). A champion of another dataset, feature sets
+    or selection metric is never replaced. Returns the champion version after the move."""
+    try:
+        current = client.get_model_version_by_alias(name, CHAMPION_ALIAS)
+    except MlflowException:  # no champion yet
+        current = None
+    if current is not None:
+        lineage = _lineage_of(current)
+        own = {k: v for k, v in tags.items() if k.startswith(LINEAGE_TAG_PREFIX)}
+        same_metric = (current.tags or {}).get(SELECTION_METRIC_TAG) == tags[SELECTION_METRIC_TAG]
+        if lineage is not None and (lineage != own or not same_metric):
+            return str(current.version)
+    best = _best_comparable(client, name, tags, higher_is_better)
+    if best is None:
+        return None if current is None else str(current.version)
+    if current is None or str(current.version) != best:
+        client.set_registered_model_alias(name, CHAMPION_ALIAS, best)
+    return best
 
 
 def register_version(
@@ -219,12 +283,15 @@ def register_version(
     higher_is_better: bool = True,
     model_id: str | None = None,
 ) -> tuple[str, bool]:
-    """Register the model at `source` (an artifact URI of `run_id`, or `models:/<model_id>`
-    of the run's LoggedModel `model_id`, which the server then requires) as a new version, and
-    move the `champion` alias to it only if it beats the current champion on `metric_name`.
+    """Register the model at `source` (an artifact URI of `run_id`, or `models:/<model_id>` of
+    the run's LoggedModel `model_id`, which the server then requires) as a new version, and move
+    the `champion` alias to the best version of the same lineage (the run's data.dataset,
+    data.video_features, data.text_features, recorded as version tags) and `metric_name`.
 
-    A champion without a comparable tag (other metric, or none) is replaced. Returns
-    (version, champion?).
+    Registering the same checkpoint again (same run, source and selection value: a resubmitted
+    finished run) returns the existing version and registers nothing. A champion of another
+    lineage or metric keeps the alias; one registered without lineage tags is replaced.
+    Returns (version, champion?).
     """
     client = MlflowClient()
     try:
@@ -232,21 +299,11 @@ def register_version(
     except MlflowException as err:
         if err.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
-    version = client.create_model_version(
-        registered_name,
-        source=source,
-        run_id=run_id,
-        tags={SELECTION_METRIC_TAG: metric_name, SELECTION_VALUE_TAG: repr(float(metric_value))},
-        model_id=model_id,
-    ).version
-    try:
-        champion = client.get_model_version_by_alias(registered_name, CHAMPION_ALIAS)
-        best = _metric_of(champion, metric_name)
-    except MlflowException:  # no champion yet
-        best = None
-    better = best is None or (
-        metric_value > best if higher_is_better else metric_value < best
-    )
-    if better:
-        client.set_registered_model_alias(registered_name, CHAMPION_ALIAS, version)
-    return str(version), better
+    tags = {SELECTION_METRIC_TAG: metric_name, SELECTION_VALUE_TAG: repr(float(metric_value)),
+            **_lineage_of_run(client, run_id)}
+    version = _same_checkpoint(client, registered_name, run_id, source, tags)
+    if version is None:
+        version = str(client.create_model_version(registered_name, source=source, run_id=run_id,
+                                                  tags=tags, model_id=model_id).version)
+    champion = _move_champion(client, registered_name, tags, higher_is_better)
+    return version, champion == version

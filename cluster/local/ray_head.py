@@ -180,6 +180,7 @@ class RayHead:
         return {
             **NO_TELEMETRY_ENV,
             "RAY_ADDRESS": self.dashboard_url,
+            "VL_RAY_GCS_ADDRESS": self.gcs_address,  # what a driver run outside `ray job` joins
             "RAY_AUTH_MODE": "token",
             "RAY_AUTH_TOKEN_PATH": str(self.token_path),
         }

@@ -34,6 +34,7 @@ from vl.data.annotations import (
 )
 from vl.data.batch import Batch, pad_batch
 from vl.data.shards import (
+    ShardCorruptError,
     ShardManifest,
     decode_features,
     fetch_shard,
@@ -42,7 +43,9 @@ from vl.data.shards import (
     text_column,
     video_column,
 )
-from vl.storage import is_remote
+from vl.storage import is_remote, join_uri
+
+WHERE = "__shard_row_group__"  # a streamed row's (shard index, row group), for error messages
 
 __all__ = ["Sample", "ShardDataset", "collate", "make_loader", "read_annotations", "sample_rng"]
 
@@ -349,7 +352,7 @@ class ShardDataset(IterableDataset):
                     # memory-mapped: row groups are read straight from the page cache
                     # (uncompressed feature pages then need no copy; 0.78 vs 0.93 ms/row zstd).
                     files[u.shard] = pq.ParquetFile(str(shards.get(u.shard)), memory_map=True)
-                table = files[u.shard].read_row_group(u.row_group, columns=cols)
+                table = self._read_group(files[u.shard], u.shard, u.row_group, cols)
                 data = {c: _column_values(table.column(c)) for c in cols}
                 taken = 0
                 for k in range(table.num_rows):
@@ -358,7 +361,16 @@ class ShardDataset(IterableDataset):
                     if self.domain is not None and data["domain"][k] != self.domain:
                         continue
                     taken += 1
-                    yield {c: data[c][k] for c in cols}
+                    yield {**{c: data[c][k] for c in cols}, WHERE: (u.shard, u.row_group)}
+
+    def _read_group(self, pf: pq.ParquetFile, shard: int, group: int, cols: list[str]) -> pa.Table:
+        """One row group; a file that does not decode fails naming the shard and row group."""
+        try:
+            return pf.read_row_group(group, columns=cols)
+        except (OSError, pa.ArrowException) as err:
+            raise ShardCorruptError(
+                f"shard {join_uri(self.uri, self.manifest.shards[shard].path)}: row group {group} "
+                f"does not decode ({type(err).__name__}: {err})") from None
 
     def _decode(self, row: dict[str, Any], epoch: int) -> Sample:
         """Annotation JSON -> record, feature blobs -> float16 views, then targets."""
@@ -368,8 +380,16 @@ class ShardDataset(IterableDataset):
         dims_v = {f.name: f.dim for f in self.manifest.video_features}
         dims_t = {f.name: f.dim for f in self.manifest.text_features}
         n_v, n_t = row["n_clips"], row["n_tokens"]
-        video = [decode_features(row[video_column(n)], n_v, dims_v[n]) for n in self.video_sets]
-        text = [decode_features(row[text_column(n)], n_t, dims_t[n]) for n in self.text_sets]
+        try:
+            video = [decode_features(row[video_column(n)], n_v, dims_v[n])
+                     for n in self.video_sets]  # fmt: skip
+            text = [decode_features(row[text_column(n)], n_t, dims_t[n]) for n in self.text_sets]
+        except ValueError as err:  # a blob of the wrong length: the shard is corrupt
+            shard, group = row.get(WHERE, (-1, -1))
+            where = self.manifest.shards[shard].path if shard >= 0 else "?"
+            raise ShardCorruptError(
+                f"shard {join_uri(self.uri, where)}: row group {group}, qid {ann.qid}: feature "
+                f"blob does not decode ({err})") from None
         return make_sample(
             ann,
             video,

@@ -11,7 +11,7 @@ row with one `np.frombuffer`. Row groups of a few dozen rows bound a streaming r
 
 Layout of a shard set at URI (a local directory or s3://bucket/prefix):
   URI/manifest.json          written last; its presence means the set is complete
-  URI/shard-00000.parquet    ...
+  URI/shard-00000-<digest>.parquet  content-addressed (jobs.shard): new bytes, new name
   URI/_parts/shard-00000.json  per-shard completion record (lets a re-run skip finished shards)
 """
 
@@ -62,7 +62,8 @@ class ShardInfo:
     num_row_groups: int
     bytes: int
     sha256: str
-    qids_sha256: str  # digest of the planned qid list: a re-run only skips an identical shard
+    qids_sha256: str  # digest of the shard's inputs (rows, feature bytes, settings): a re-run
+    # only skips a shard whose inputs are identical
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> ShardInfo:
@@ -351,30 +352,68 @@ def write_shard(
 # --- reading ------------------------------------------------------------------------------------
 
 
-def fetch_shard(base_uri: str, info: ShardInfo, cache_dir: str | Path | None) -> Path:
-    """A local path for the shard: the file itself when local, else a verified cached download.
+class ShardCorruptError(OSError):
+    """A shard's bytes do not match its manifest checksum, or do not decode."""
 
+
+# Files whose sha256 this process has checked, keyed by (path, size, mtime_ns): each file is
+# hashed on its first use per process, not on every open (a process-lifetime memo, not config).
+_VERIFIED: set[tuple[str, int, int]] = set()
+
+
+def _stamp(path: Path) -> tuple[str, int, int]:
+    st = path.stat()
+    return (str(path), st.st_size, st.st_mtime_ns)
+
+
+def verify_shard(path: Path, info: ShardInfo, where: str) -> bool:
+    """True when `path` holds the manifest's bytes (size and sha256), checked once per process."""
+    if not path.is_file():
+        return False
+    stamp = _stamp(path)
+    if stamp in _VERIFIED:
+        return True
+    if stamp[1] != info.bytes or (info.sha256 and sha256_file(path) != info.sha256):
+        return False
+    _VERIFIED.add(stamp)
+    return True
+
+
+def fetch_shard(base_uri: str, info: ShardInfo, cache_dir: str | Path | None) -> Path:
+    """A local path for the shard, its checksum verified on first use in this process: the file
+    itself when local, else a cached download.
+
+    A cached entry whose bytes no longer match (a flipped bit, a truncated file) is evicted and
+    fetched again; a local shard set that does not match its manifest raises ShardCorruptError.
     Downloads go to a temp name and are renamed into place after the sha256 check, so several
     DataLoader workers or ranks sharing a cache directory never read a partial file.
     """
     uri = join_uri(base_uri, info.path)
     if not is_remote(uri):
-        return Path(filesystem(uri)[1])
+        local = Path(filesystem(uri)[1])
+        if not verify_shard(local, info, uri):
+            raise ShardCorruptError(f"shard {uri} does not match its manifest (size or sha256): "
+                                    "rewrite the shard set with python -m jobs.shard")
+        return local
     if cache_dir is None:
         cache_dir = default_cache_dir()
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     local = cache_dir / f"{info.sha256[:24]}-{Path(info.path).name}"
-    if local.is_file() and local.stat().st_size == info.bytes:
+    if verify_shard(local, info, uri):
         return local
+    if local.exists():
+        local.unlink(missing_ok=True)  # a bad cached copy: evict it and fetch again
     fs, path = filesystem(uri)
     tmp = cache_dir / f".{local.name}.{os.getpid()}.{time.monotonic_ns()}.part"
     try:
         fs.get_file(path, str(tmp))
         digest = sha256_file(tmp)
         if digest != info.sha256:
-            raise OSError(f"checksum mismatch for {uri}: got {digest}, manifest says {info.sha256}")
+            raise ShardCorruptError(f"checksum mismatch for shard {uri}: got {digest}, manifest "
+                                    f"says {info.sha256}")
         os.replace(tmp, local)
+        _VERIFIED.add(_stamp(local))
     finally:
         if tmp.exists():
             tmp.unlink()

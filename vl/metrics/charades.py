@@ -29,12 +29,14 @@ def evaluate_charades(
     match_number: bool = True,
     sub_source: RowSource | None = None,
     gt_source: RowSource | None = None,
+    strict: bool = False,
 ) -> dict[str, Any]:
     """{"brief": {R1@0.3/0.5/0.7, mIoU}, "full": {"MR-mIoU", "MR-mAP", "MR-R1"}} (x100, 2 dp)."""
     sub_source = sub_source or RowSource("submission")
     gt_source = gt_source or RowSource("ground truth")
     sub_index, gt_index = align(submission, ground_truth, match_number, sub_source, gt_source)
-    arrays = moment_arrays(submission, ground_truth, sub_index, gt_index, sub_source, gt_source)
+    arrays = moment_arrays(submission, ground_truth, sub_index, gt_index, sub_source, gt_source,
+                           strict)
     full = moment_retrieval_metrics(arrays, buckets=("full",))["full"]
     brief = {}
     for key, (block, sub) in CHARADES_BRIEF_KEYS.items():

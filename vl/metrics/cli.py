@@ -11,13 +11,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from vl.metrics.charades import evaluate_charades
-from vl.metrics.io import EvalInputError, RowSource, load_jsonl
-from vl.metrics.qvhighlights import evaluate_qvhighlights
+from vl.metrics.io import EvalInputError, RowSource, json_safe, load_jsonl
+from vl.metrics.qvhighlights import ReversedWindowWarning, evaluate_qvhighlights
 from vl.metrics.tvsum import evaluate_tvsum
 
 EVALUATORS: dict[str, Callable[..., dict[str, Any]]] = {
@@ -44,6 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
             help="evaluate the qids shared by both files instead of requiring identical sets "
             "(the official match_number=False)",
         )
+        if name != "tvsum":
+            p.add_argument(
+                "--strict", action="store_true",
+                help="refuse a predicted window whose start is after its end (by default it is "
+                "scored as the official evaluation scores it, IoU 0, with a warning)",
+            )
     return parser
 
 
@@ -51,16 +58,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Load, evaluate, write --out; returns the full metrics. Raises EvalInputError."""
     submission, sub_lines = load_jsonl(args.submission)
     ground_truth, gt_lines = load_jsonl(args.gt)
-    metrics = EVALUATORS[args.dataset](
-        submission, ground_truth,
-        match_number=not args.intersect,
-        sub_source=RowSource(str(args.submission), sub_lines),
-        gt_source=RowSource(str(args.gt), gt_lines),
-    )
+    extra = {"strict": args.strict} if hasattr(args, "strict") else {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ReversedWindowWarning)
+        metrics = EVALUATORS[args.dataset](
+            submission, ground_truth,
+            match_number=not args.intersect,
+            sub_source=RowSource(str(args.submission), sub_lines),
+            gt_source=RowSource(str(args.gt), gt_lines),
+            **extra,
+        )
+    for warning in caught:
+        print(f"vl.eval: warning: {warning.message}", file=sys.stderr)
+    metrics = json_safe(metrics)
     if args.out is not None:
         try:
             args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(metrics, indent=4) + "\n", encoding="utf-8")
+            text = json.dumps(metrics, indent=4, allow_nan=False) + "\n"
+            tmp = args.out.with_name(f".{args.out.name}.tmp")
+            tmp.write_text(text, encoding="utf-8")
+            tmp.replace(args.out)
         except OSError as exc:
             raise EvalInputError(f"{args.out}: cannot write metrics: {exc.strerror}") from None
     return metrics
@@ -73,5 +90,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     except EvalInputError as exc:
         print(f"vl.eval: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    print(json.dumps(metrics["brief"]))
+    print(json.dumps(metrics["brief"], allow_nan=False))
     return 0

@@ -61,7 +61,7 @@ def load_jsonl(path: str | Path) -> tuple[list[dict[str, Any]], list[int]]:
     # which finds the exact line to blame.
     try:
         rows = json.loads("[" + ",".join(line for _, line in numbered) + "]")
-    except ValueError:
+    except (ValueError, RecursionError):
         rows = None
     if (
         rows is None
@@ -82,6 +82,10 @@ def _parse_line(path: Path, number: int, line: str) -> dict[str, Any]:
         raise EvalInputError(
             f"{path}:{number}: malformed JSON ({exc.msg} at column {exc.colno})"
         ) from None
+    except RecursionError:
+        raise EvalInputError(f"{path}:{number}: JSON nested too deeply") from None
+    except ValueError as exc:  # an integer literal beyond Python's digit limit
+        raise EvalInputError(f"{path}:{number}: unreadable JSON value ({exc})") from None
     if not isinstance(row, dict):
         raise EvalInputError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
     return row
@@ -222,10 +226,13 @@ def number_matrix(
 
 def windows(
     value: Any, width: int, source: RowSource, index: int, qid: Any, name: str, *,
-    allow_empty: bool,
+    allow_empty: bool, reversed_ok: bool = False,
 ) -> np.ndarray:
-    """Windows `[[st, ed(, score)], ...]` as (k, width) float64; NaN and ed < st are errors."""
+    """Windows `[[st, ed(, score)], ...]` as (k, width) float64; NaN is an error, and so is
+    ed < st unless `reversed_ok` (the caller then scores such a window)."""
     arr = number_matrix(value, width, source, index, qid, name, allow_empty=allow_empty)
+    if reversed_ok:
+        return arr
     negative = np.flatnonzero(arr[:, 1] < arr[:, 0])
     if negative.size:
         j = int(negative[0])
@@ -295,3 +302,16 @@ def rows_of(counts: np.ndarray) -> np.ndarray:
 def bad_field(source: RowSource, index: int, qid: Any, name: str, what: str) -> EvalInputError:
     """An `EvalInputError` for a semantic problem in one field of one row."""
     return _bad(source, index, qid, name, what)
+
+
+def json_safe(value: Any) -> Any:
+    """`value` with every NaN / infinity replaced by None: metric files are JSON (NaN is not),
+    and a metric that could not be computed reads as null."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
+

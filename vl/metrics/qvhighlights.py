@@ -10,6 +10,7 @@ has `pred_relevant_windows`, HD metrics when it has `pred_saliency_scores` (as t
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Hashable, Sequence
 from typing import Any
 
@@ -30,6 +31,13 @@ from vl.metrics.io import (
 )
 from vl.metrics.retrieval import MomentArrays, moment_retrieval_metrics
 from vl.metrics.saliency import CLIP_LENGTH_S, SaliencyArrays, highlight_metrics
+
+MAX_WARNED_ROWS = 5  # rows a ReversedWindowWarning names
+
+
+class ReversedWindowWarning(UserWarning):
+    """A predicted window starts after it ends; scored as IoU 0 (official behaviour)."""
+
 
 PRED_WINDOWS = "pred_relevant_windows"
 PRED_SALIENCY = "pred_saliency_scores"
@@ -67,18 +75,24 @@ def _column(
 
 
 def window_column(
-    rows: Sequence[dict[str, Any]], index: list[int], name: str, width: int, source: RowSource
+    rows: Sequence[dict[str, Any]], index: list[int], name: str, width: int, source: RowSource,
+    reversed_ok: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """All windows of field `name` for rows `index`: ((M, width) float64, count per row).
 
     Vectorised checks on the concatenation; when one fails, the per-row validator re-reads
     the first offending row to say exactly what is wrong (empty, NaN, negative length...).
+    `reversed_ok`: a window whose start is after its end is scored as the official evaluation
+    scores it (IoU 0 with every window) with a ReversedWindowWarning naming the qid.
     """
     values = _column(rows, index, name, source)
     bulk = flat_numbers(values, width)
     if bulk is not None:
         arr, counts = bulk
         arr = arr.astype(np.float64, copy=False)
+        if reversed_ok:
+            arr = arr.copy()
+            collapse_reversed(arr, rows_of(counts), rows, index, name, source)
         bad_entry = ~np.isfinite(arr).all(axis=1) | (arr[:, 1] < arr[:, 0])
         bad_rows = np.flatnonzero(counts == 0)
         if bad_entry.any():
@@ -90,10 +104,33 @@ def window_column(
         windows(values[k], width, source, i, rows[i]["qid"], name, allow_empty=False)
     # Irregular but possibly valid input: validate (and build) row by row.
     per_row = [
-        windows(values[k], width, source, i, rows[i]["qid"], name, allow_empty=False)
+        windows(values[k], width, source, i, rows[i]["qid"], name, allow_empty=False,
+                reversed_ok=reversed_ok)
         for k, i in enumerate(index)
     ]
-    return np.concatenate(per_row), np.array([len(a) for a in per_row], dtype=np.int64)
+    arr = np.concatenate(per_row)
+    counts = np.array([len(a) for a in per_row], dtype=np.int64)
+    if reversed_ok:
+        collapse_reversed(arr, rows_of(counts), rows, index, name, source)
+    return arr, counts
+
+
+def collapse_reversed(arr: np.ndarray, row_of: np.ndarray, rows: Sequence[dict[str, Any]],
+                      index: list[int], name: str, source: RowSource) -> None:  # fmt: skip
+    """In place: each window with start > end becomes the zero-length [start, start], whose
+    IoU with any window is 0: what the official IoU (intersection clipped at 0) gives it."""
+    flipped = np.flatnonzero(np.isfinite(arr[:, :2]).all(axis=1) & (arr[:, 1] < arr[:, 0]))
+    if not flipped.size:
+        return
+    arr[flipped, 1] = arr[flipped, 0]
+    affected = sorted({int(row_of[j]) for j in flipped})
+    shown = ", ".join(f"{source.where(index[k])} qid {rows[index[k]]['qid']!r}"
+                      for k in affected[:MAX_WARNED_ROWS])  # fmt: skip
+    more = f" and {len(affected) - MAX_WARNED_ROWS} more row(s)" if len(affected) > \
+        MAX_WARNED_ROWS else ""
+    warnings.warn(ReversedWindowWarning(
+        f"{len(flipped)} window(s) in '{name}' start after they end ({shown}{more}): scored "
+        "as IoU 0, as the official evaluation does (--strict refuses them)"), stacklevel=2)
 
 
 def moment_arrays(
@@ -103,9 +140,12 @@ def moment_arrays(
     gt_index: list[int],
     sub_source: RowSource,
     gt_source: RowSource,
+    strict: bool = False,
 ) -> MomentArrays:
-    """Validated MR arrays for the aligned rows (`sub_index[k]` and `gt_index[k]` match)."""
-    pred, pred_counts = window_column(submission, sub_index, PRED_WINDOWS, 3, sub_source)
+    """Validated MR arrays for the aligned rows (`sub_index[k]` and `gt_index[k]` match).
+    `strict`: a predicted window with start > end is an error instead of IoU 0."""
+    pred, pred_counts = window_column(submission, sub_index, PRED_WINDOWS, 3, sub_source,
+                                      reversed_ok=not strict)
     gt, gt_counts = window_column(ground_truth, gt_index, "relevant_windows", 2, gt_source)
     return MomentArrays.from_flat(pred, pred_counts, gt, gt_counts)
 
@@ -246,8 +286,12 @@ def evaluate_qvhighlights(
     match_number: bool = True,
     sub_source: RowSource | None = None,
     gt_source: RowSource | None = None,
+    strict: bool = False,
 ) -> dict[str, Any]:
     """The official QVHighlights metrics JSON (values x100, 2 decimals).
+
+    A predicted window whose start is after its end scores IoU 0 (as in the official script)
+    with a ReversedWindowWarning; `strict` makes it an EvalInputError.
 
     Raises EvalInputError on malformed input (the message names the row/line, qid and field).
     """
@@ -265,7 +309,7 @@ def evaluate_qvhighlights(
     blocks: dict[str, Any] = {}
     if do_mr:
         arrays = moment_arrays(submission, ground_truth, sub_index, gt_index, sub_source,
-                               gt_source)
+                               gt_source, strict)
         buckets = moment_retrieval_metrics(arrays)
         blocks.update(buckets)
         for key, (bucket, block, sub) in MR_BRIEF_KEYS.items():
