@@ -248,8 +248,9 @@ def test_champion_move_is_rechecked_against_a_concurrent_registration(mlflow_env
     v1, _ = serving.log_and_register_model(run_id, ckpt, name, "MR-full-mAP", 30.0)
     client = MlflowClient()
     tags = dict(client.get_model_version(name, v1).tags)
+    source = client.get_model_version(name, v1).source
     other = client.create_model_version(
-        name, source=client.get_model_version(name, v1).source, run_id=run_id,
+        name, source=source, run_id=run_id, model_id=source.removeprefix("models:/"),
         tags={**tags, tracking.SELECTION_VALUE_TAG: "40.0"}).version
     mine, champion = serving.log_and_register_model(run_id, ckpt, name, "MR-full-mAP", 35.0)
     assert not champion

@@ -294,6 +294,8 @@ def register_version(
     Returns (version, champion?).
     """
     client = MlflowClient()
+    if model_id is None and source.startswith("models:/m-"):  # a LoggedModel: the server needs it
+        model_id = source.removeprefix("models:/")
     try:
         client.create_registered_model(registered_name)
     except MlflowException as err:

@@ -109,6 +109,13 @@ def parse_feature_dirs(spec: str | list[str], modality: str) -> list[FeatureDir]
     return out
 
 
+def tef(n: int) -> np.ndarray:
+    """Temporal endpoint feature (n, 2): (i/n, (i+1)/n) for clip i (the windows of a long video
+    carry their own, as pad_batch gives a whole video)."""
+    start = np.arange(n, dtype=np.float32) / max(n, 1)
+    return np.stack([start, start + 1.0 / max(n, 1)], axis=1)
+
+
 def l2_normalize(x: np.ndarray, eps: float = NORM_EPS) -> np.ndarray:
     """Row-wise x / (||x|| + eps) in float32, as the reference does per clip / per token."""
     x = np.asarray(x, dtype=np.float32)
