@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -32,6 +33,7 @@ from ray import tune
 
 from jobs.preflight import EXIT_BAD_INPUT, PreflightError
 from jobs.train import JobPlan, prepare, run
+from jobs.train import build_parser as train_parser
 from vl import tracking
 
 PARENT_TAG = "mlflow.parentRunId"
@@ -61,22 +63,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def seed_args(args: argparse.Namespace, seed: int, name: str) -> argparse.Namespace:
-    """The jobs.train arguments of one seed."""
-    return argparse.Namespace(
-        config=args.config, overrides=[*args.overrides, f"train.seed={seed}"], data=args.data,
-        storage=args.storage, name=f"{name}-seed{seed}", register_as=None, init_from=None,
-        experiment=args.experiment)
+    """The jobs.train arguments of one seed, parsed by jobs.train's own parser (its defaults)."""
+    argv = ["--config", str(args.config), "--storage", args.storage, "--name", f"{name}-seed{seed}"]
+    if args.data:
+        argv += ["--data", args.data]
+    if args.experiment:
+        argv += ["--experiment", args.experiment]
+    for override in [*args.overrides, f"train.seed={seed}"]:
+        argv += ["--set", override]
+    return train_parser().parse_args(argv)
 
 
 def train_seed(config: dict[str, Any]) -> None:
     """Tune trainable: one seed's regular training job as a child run of the parent."""
     args, seed, parent = config["args"], config["seed"], config["parent_run_id"]
+    # Tune runs a trial in its own directory; a relative --config is relative to the job's
+    args.config = Path(os.environ.get("TUNE_ORIG_WORKING_DIR", os.getcwd())) / args.config
     plan: JobPlan = prepare(seed_args(args, seed, config["name"]))
     run_id = tracking.start_or_resume_run(plan.experiment, plan.name)
     client = MlflowClient()
     client.set_tag(run_id, PARENT_TAG, parent)
     client.set_tag(run_id, SEED_TAG, str(seed))
-    summary = run(plan)
+    summary = plan.finished if plan.finished is not None else run(plan)
     metrics = {k: float(v) for k, v in (summary.get("metrics") or {}).items()
                if isinstance(v, (int, float)) and math.isfinite(float(v))}
     tune.report({"seed": seed, "run_id": run_id, "summary": json.dumps(metrics)})
