@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from tests.helpers import tiny_batch, tiny_config
-from vl.config import TVSUM_TABLE7, ExperimentConfig
+from vl.config import TVSUM_TABLE7, ConfigError, ExperimentConfig
 from vl.engine import forward
 from vl.losses import build_criterion
 from vl.model import build_model
@@ -207,3 +207,10 @@ def test_fra_output_is_normalised_per_clip():
     torch.testing.assert_close(out[valid].std(-1, unbiased=False), torch.ones(int(valid.sum())),
                                atol=1e-2, rtol=0)
     assert float(out[~valid].abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("key", ["text_pos_std", "global_token_std"])
+@pytest.mark.parametrize("value", ["-1", ".nan"])
+def test_init_stds_must_be_non_negative(key, value):
+    with pytest.raises(ConfigError, match=f"model.{key}"):
+        ExperimentConfig.from_preset("tiny", [f"model.{key}={value}"])

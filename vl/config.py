@@ -311,8 +311,9 @@ class ExperimentConfig:
         for key, (value, allowed) in choices.items():
             if value not in allowed:
                 raise bad(key, f"{value!r} is not one of {allowed}")
-        if m.text_pos_std < 0:
-            raise bad("model.text_pos_std", f"must be >= 0, got {m.text_pos_std}")
+        for key in ("text_pos_std", "global_token_std"):
+            if not getattr(m, key) >= 0:
+                raise bad(f"model.{key}", f"must be >= 0, got {getattr(m, key)}")
         for key in ("span_coef", "giou_coef", "label_coef", "al_coef", "scsl_coef", "tcl_coef",
                     "hl_coef", "saliency_coef", "sal_align_coef", "span_nce_coef"):
             if getattr(lo, key) < 0:
