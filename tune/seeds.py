@@ -12,8 +12,8 @@ and a `seeds/summary.md` + `seeds/summary.json` table artifact).
 
 Why Tune and not N `ray job submit`s: Tune schedules the trials onto what the cluster has free
 (a trial waits for its workers' CPUs/GPUs instead of failing), retries a crashed trial, and
-gathers the results in one place. A re-run with the same --name continues: finished seeds are
-found by their MLflow runs and not trained again.
+gathers the results in one place. A re-run with the same --name continues: a seed that
+finished is recognised by jobs.train's own run record and reports its result without training.
 """
 
 from __future__ import annotations
@@ -77,17 +77,20 @@ def seed_args(args: argparse.Namespace, seed: int, name: str) -> argparse.Namesp
 def train_seed(config: dict[str, Any]) -> None:
     """Tune trainable: one seed's regular training job as a child run of the parent."""
     args, seed, parent = config["args"], config["seed"], config["parent_run_id"]
-    # Tune runs a trial in its own directory; a relative --config is relative to the job's
+    # Tune runs a trial in its own directory; a relative --config is relative to the job's.
     args.config = Path(os.environ.get("TUNE_ORIG_WORKING_DIR", os.getcwd())) / args.config
     plan: JobPlan = prepare(seed_args(args, seed, config["name"]))
-    run_id = tracking.start_or_resume_run(plan.experiment, plan.name)
-    client = MlflowClient()
-    client.set_tag(run_id, PARENT_TAG, parent)
-    client.set_tag(run_id, SEED_TAG, str(seed))
-    summary = plan.finished if plan.finished is not None else run(plan)
+    if plan.finished is not None:  # trained in an earlier sitting: its run stays FINISHED
+        summary = plan.finished
+    else:
+        run_id = tracking.start_or_resume_run(plan.experiment, plan.name)
+        client = MlflowClient()
+        client.set_tag(run_id, PARENT_TAG, parent)
+        client.set_tag(run_id, SEED_TAG, str(seed))
+        summary = run(plan)
     metrics = {k: float(v) for k, v in (summary.get("metrics") or {}).items()
                if isinstance(v, (int, float)) and math.isfinite(float(v))}
-    tune.report({"seed": seed, "run_id": run_id, "summary": json.dumps(metrics)})
+    tune.report({"seed": seed, "summary": json.dumps(metrics)})
 
 
 def summarise(per_seed: dict[int, dict[str, float]]) -> dict[str, dict[str, float]]:
@@ -112,32 +115,6 @@ def markdown(table: dict[str, dict[str, float]], per_seed: dict[int, dict[str, f
     return "\n".join(lines)
 
 
-def finished_seeds(experiment: str, parent: str) -> dict[int, dict[str, float]]:
-    """Seeds whose child run FINISHED in an earlier sitting, with their best metrics."""
-    client = MlflowClient()
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        return {}
-    runs = client.search_runs([exp.experiment_id],
-                              filter_string=f"tags.`{PARENT_TAG}` = '{parent}'")
-    done = {}
-    for r in runs:
-        if r.info.status == "FINISHED" and SEED_TAG in r.data.tags:
-            final = json.loads(_artifact_text(client, r.info.run_id,
-                                              "metrics/final_metrics.json") or "{}")
-            done[int(r.data.tags[SEED_TAG])] = {
-                k: float(v) for k, v in (final.get("metrics") or {}).items()
-                if isinstance(v, (int, float)) and not k.startswith(("train_", "val_"))}
-    return done
-
-
-def _artifact_text(client: MlflowClient, run_id: str, path: str) -> str | None:
-    try:
-        return Path(client.download_artifacts(run_id, path)).read_text()
-    except Exception:  # noqa: BLE001 - a run without the artifact is simply not finished
-        return None
-
-
 def run_seeds(args: argparse.Namespace) -> dict[str, Any]:
     first: JobPlan = prepare(seed_args(args, args.first_seed, "preflight"))  # fail fast, exit 2
     name = args.name or f"{first.cfg.name}-seeds"
@@ -146,25 +123,21 @@ def run_seeds(args: argparse.Namespace) -> dict[str, Any]:
     client = MlflowClient()
     client.set_tag(parent, KIND_TAG, "seeds")
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
-    done = {s: m for s, m in finished_seeds(experiment, parent).items() if s in seeds}
-    todo = [s for s in seeds if s not in done]
-    print(f"tune.seeds: {len(seeds)} seeds of {args.config} (parent MLflow run {parent}); "
-          f"{len(done)} already finished, training {todo}", flush=True)
-    per_seed = dict(done)
-    if todo:
-        args.experiment = experiment
-        base = {"args": args, "name": name, "parent_run_id": parent}
-        space = {**base, "seed": tune.grid_search(todo)}
-        tuner = tune.Tuner(
-            tune.with_resources(train_seed, {"CPU": 0.1}), param_space=space,
-            tune_config=tune.TuneConfig(max_concurrent_trials=args.concurrency or len(todo)),
-            run_config=tune.RunConfig(name=f"{name}-tune", storage_path=args.storage,
-                                      verbose=0))
-        for result in tuner.fit():
-            if result.error is not None:
-                tracking.finish_run(parent, "FAILED")
-                raise result.error
-            per_seed[int(result.metrics["seed"])] = json.loads(result.metrics["summary"])
+    print(f"tune.seeds: {len(seeds)} seeds of {args.config} (parent MLflow run {parent})",
+          flush=True)
+    args.experiment = experiment
+    space = {"args": args, "name": name, "parent_run_id": parent,
+             "seed": tune.grid_search(seeds)}
+    tuner = tune.Tuner(
+        tune.with_resources(train_seed, {"CPU": 0.1}), param_space=space,
+        tune_config=tune.TuneConfig(max_concurrent_trials=args.concurrency or len(seeds)),
+        run_config=tune.RunConfig(name=f"{name}-tune", storage_path=args.storage, verbose=0))
+    per_seed: dict[int, dict[str, float]] = {}
+    for result in tuner.fit():
+        if result.error is not None:
+            tracking.finish_run(parent, "FAILED")
+            raise result.error
+        per_seed[int(result.metrics["seed"])] = json.loads(result.metrics["summary"])
     table = summarise(per_seed)
     text = markdown(table, per_seed)
     for key, row in table.items():
