@@ -70,6 +70,26 @@ VARIANTS: dict[str, list[str]] = {
     "no_negative_pass": ["model.negative_pass=false"],
     "fra_residual": ["model.fra_output=residual"],
     "plain_fra": ["model.fra_output=plain"],
+    "padded_gru": ["model.mr2hd_gru_input=padded"],
+    "no_tc_loss": ["loss.tcl_coef=0"],
+    # the reference's Bi-CMF layer shape, one difference at a time and all together
+    "bicmf_no_self_attention": ["model.bicmf_self_attention=false"],
+    "bicmf_no_ffn_residual": ["model.bicmf_ffn_residual=false"],
+    "bicmf_text_not_carried": ["model.bicmf_carry_text=false"],
+    "reference_bicmf": ["model.bicmf_self_attention=false", "model.bicmf_ffn_residual=false",
+                        "model.bicmf_carry_text=false"],
+    # the scripts' objective: span NCE on, no L_sym (the profile alignment stays at 0.2)
+    "reference_objective": ["model.span_nce=true", "loss.al_coef=0"],
+    # every model-side difference from the authors' code that is a switch, at once
+    "reference_model": ["model.bicmf_self_attention=false", "model.bicmf_ffn_residual=false",
+                        "model.bicmf_carry_text=false", "model.negative_fra=false",
+                        "model.global_token_std=1.0", "model.fra_output=plain",
+                        "model.text_pos_std=0"],
+    # the reference's layer shapes, objective and MR->HD input, keeping our init scales
+    "reference_shapes": ["model.bicmf_self_attention=false", "model.bicmf_ffn_residual=false",
+                         "model.bicmf_carry_text=false", "model.negative_fra=false",
+                         "model.fra_output=plain", "model.mr2hd_gru_input=padded",
+                         "model.span_nce=true", "loss.al_coef=0"],
     # the paper's Table 4 ablations
     "without_fra": ["model.fra=false"],
     "without_bicmf": ["model.bicmf_layers=0"],

@@ -214,3 +214,61 @@ def test_fra_output_is_normalised_per_clip():
 def test_init_stds_must_be_non_negative(key, value):
     with pytest.raises(ConfigError, match=f"model.{key}"):
         ExperimentConfig.from_preset("tiny", [f"model.{key}={value}"])
+
+
+def _bicmf_layer(**switches) -> BiCMFLayer:
+    torch.manual_seed(1)
+    return BiCMFLayer(32, 4, 64, 0.0, 0.0, "post", **switches).eval()
+
+
+def _bicmf_inputs(B: int = 2, Lv: int = 10, Lq: int = 6, d: int = 32):
+    torch.manual_seed(0)
+    video, text = torch.randn(B, Lv, d), torch.randn(B, Lq, d)
+    vmask = additive_mask(torch.ones(B, Lv, dtype=torch.bool), video.dtype)
+    tmask = additive_mask(torch.ones(B, Lq, dtype=torch.bool), video.dtype)
+    return video, text, vmask, tmask, torch.zeros_like(video), torch.zeros_like(text)
+
+
+def test_bicmf_reference_layer_shape_switches():
+    """The three differences from the authors' layer, each a switch that does what it says."""
+    inputs = _bicmf_inputs()
+    text = inputs[1]
+    # The words are handed on unchanged (the reference's text stream) or updated (O2).
+    with torch.no_grad():
+        _, kept = _bicmf_layer(carry_text=False)(*inputs)
+        _, carried = _bicmf_layer()(*inputs)
+    assert torch.equal(kept, text) and not torch.allclose(carried, text)
+    # No clip self-attention stage: no such parameters, and a different output.
+    assert not any("self_attn" in k for k in _bicmf_layer(self_attention=False).state_dict())
+    assert any("self_attn" in k for k in _bicmf_layer().state_dict())
+    # No residual around the FFN: with the FFN's output zeroed, nothing of the clips is left.
+    for residual in (True, False):
+        layer = _bicmf_layer(ffn_residual=residual)
+        torch.nn.init.zeros_(layer.ffn.linear2.weight)
+        torch.nn.init.zeros_(layer.ffn.linear2.bias)
+        with torch.no_grad():
+            out, _ = layer(*inputs)
+        assert (_across_clips(out) > 0.1) == residual
+
+
+def test_mr2hd_padded_gru_reads_zeros_after_the_slice():
+    """`padded` (the reference) runs the GRU on the slice followed by zeros up to Lv; `slice`
+    on the slice alone: the two agree only when the slice fills the video."""
+    from vl.model.mr2hd import MomentToHighlight
+
+    torch.manual_seed(0)
+    B, Lv, d = 2, 12, 16
+    video, memory = torch.randn(B, Lv, d), torch.randn(B, Lv, d)
+    mask = torch.ones(B, Lv, dtype=torch.bool)
+    logits = torch.tensor([[[5.0, 0.0]], [[5.0, 0.0]]])  # one query per sample
+    heads = {}
+    for how in ("slice", "padded"):
+        torch.manual_seed(1)
+        heads[how] = MomentToHighlight(d, how).eval()
+    part = torch.tensor([[[0.25, 0.2]], [[0.5, 0.3]]])  # a few clips each
+    whole = torch.tensor([[[0.5, 1.0]], [[0.5, 1.0]]])
+    with torch.no_grad():
+        s_part = {h: m(video, memory, mask, logits, part) for h, m in heads.items()}
+        s_whole = {h: m(video, memory, mask, logits, whole) for h, m in heads.items()}
+    assert not torch.allclose(s_part["slice"], s_part["padded"], atol=1e-4)
+    torch.testing.assert_close(s_whole["slice"], s_whole["padded"], atol=1e-5, rtol=1e-5)

@@ -36,6 +36,7 @@ TEF_DIMS = 2  # temporal endpoint features (i/L, (i+1)/L) appended to every clip
 ALIGN_VIDEO = ("projection", "fra")
 BICMF_NORMS = ("post", "branch")
 FRA_OUTPUTS = ("norm", "plain", "residual")
+MR2HD_GRU_INPUTS = ("slice", "padded")
 DECODER_MEMORY = ("clips", "global_and_clips")
 LABEL_REDUCTIONS = ("mean", "weight_sum")
 
@@ -66,6 +67,9 @@ class ModelConfig:
     contrastive_dim: int = 64
     span_nce: bool = False  # Moment-DETR span-token NCE: an optional extra, off (6c.4)
     mr2hd: bool = True  # Uni-JFM MR->HD GRU branch
+    # The branch's GRU reads the predicted moment's clips as the "slice" alone, or "padded" with
+    # zeros to the clip count as the reference (see MomentToHighlight; docs/FIDELITY.md, 11).
+    mr2hd_gru_input: str = "slice"
     fra: bool = True  # Feature Refinement and Alignment; off = the paper's "without FRA" ablation
     # FRA's output: "norm" = LayerNorm(FRA(V)) (default: the clips reach Bi-CMF at the scale of
     # its attention branches); "plain" = the paper's formula as is; "residual" = V + FRA(V).
@@ -84,6 +88,12 @@ class ModelConfig:
     # Bi-CMF's first two stages: "post" = norm(x + branch) (the reference, post-norm
     # transformers); "branch" = x + norm(branch) (Algorithm 2 as printed; see BiCMFLayer).
     bicmf_norm: str = "post"
+    # The reference's Bi-CMF layer differs in three more ways (docs/FIDELITY.md, 11): no clip
+    # self-attention stage, no residual around the final FFN, the words not carried between
+    # layers. Each is a switch; all three False is the reference's layer shape.
+    bicmf_self_attention: bool = True
+    bicmf_ffn_residual: bool = True
+    bicmf_carry_text: bool = True
 
     @property
     def video_input_dim(self) -> int:
@@ -306,6 +316,7 @@ class ExperimentConfig:
         choices = {"model.align_video": (m.align_video, ALIGN_VIDEO),
                    "model.bicmf_norm": (m.bicmf_norm, BICMF_NORMS),
                    "model.fra_output": (m.fra_output, FRA_OUTPUTS),
+                   "model.mr2hd_gru_input": (m.mr2hd_gru_input, MR2HD_GRU_INPUTS),
                    "model.decoder_memory": (m.decoder_memory, DECODER_MEMORY),
                    "loss.label_reduction": (lo.label_reduction, LABEL_REDUCTIONS)}
         for key, (value, allowed) in choices.items():

@@ -22,6 +22,12 @@ class BiCMFLayer(nn.Module):
     literal Algorithm 2 has none on O3 and the FFN, which would leave each clip with nothing of
     its own features but attention weights over words.
 
+    Three more switches measure the reference's layer shape (docs/FIDELITY.md, 11):
+    `self_attention=False` drops the clip self-attention stage, `ffn_residual=False` makes the
+    output `norm(FFN(O3))` (the reference's last stage has no residual), `carry_text=False`
+    hands every layer the words as they entered Bi-CMF (the reference keeps its text stream
+    unchanged) and leaves the layer's own word update O2 unnormalised, as the reference does.
+
     Norm placement (`norm="post"`, the default): the residual sum is normalised, as in the
     reference and every post-norm transformer. Algorithm 2 as printed normalises the attention
     branch before adding it (`norm="branch"`): its unit-variance output then swamps the FRA
@@ -32,14 +38,17 @@ class BiCMFLayer(nn.Module):
 
     def __init__(
         self, dim: int, nheads: int, ffn_dim: int, dropout: float, attn_dropout: float,
-        norm: str = "post",
+        norm: str = "post", self_attention: bool = True, ffn_residual: bool = True,
+        carry_text: bool = True,
     ) -> None:
         super().__init__()
         self.post_norm = norm == "post"
+        self.ffn_residual = ffn_residual
+        self.carry_text = carry_text
         self.video_to_text = Attention(dim, nheads, attn_dropout)
         self.text_to_video = Attention(dim, nheads, attn_dropout)
         self.fusion = Attention(dim, nheads, attn_dropout)
-        self.self_attn = Attention(dim, nheads, attn_dropout)
+        self.self_attn = Attention(dim, nheads, attn_dropout) if self_attention else None
         self.linear_v = nn.Linear(dim, dim)
         self.linear_t = nn.Linear(dim, dim)
         self.norm_v = nn.LayerNorm(dim)
@@ -64,16 +73,21 @@ class BiCMFLayer(nn.Module):
         a_v = self.linear_v(self.dropout(self.video_to_text(v_in, t_in, t_in, text_mask)))
         a_t = self.linear_t(self.dropout(self.text_to_video(t_in, v_in, v_in, video_mask)))
         if self.post_norm:
-            o1, o2 = self.norm_v(video + self.dropout(a_v)), self.norm_t(text + self.dropout(a_t))
+            o1 = self.norm_v(video + self.dropout(a_v))
+            o2 = text + self.dropout(a_t)
+            o2 = self.norm_t(o2) if self.carry_text else o2
         else:  # Algorithm 2 as printed: the branch is normalised, the sum is not
             o1, o2 = video + self.norm_v(a_v), text + self.norm_t(a_t)
         o3 = self.norm_fuse(
             o1 + self.dropout(self.fusion(o1 + video_pos, o2 + text_pos, o2, text_mask))
         )
-        q = o3 + video_pos
-        f = self.norm_self(o3 + self.dropout(self.self_attn(q, q, o3, video_mask)))
-        out = self.norm_out(f + self.dropout(self.ffn(f)))
-        return out, o2
+        f = o3
+        if self.self_attn is not None:
+            q = o3 + video_pos
+            f = self.norm_self(o3 + self.dropout(self.self_attn(q, q, o3, video_mask)))
+        h = self.dropout(self.ffn(f))
+        out = self.norm_out(f + h if self.ffn_residual else h)  # (B, Lv, d)
+        return out, (o2 if self.carry_text else text)
 
 
 class BiCMF(nn.Module):
@@ -81,11 +95,13 @@ class BiCMF(nn.Module):
 
     def __init__(
         self, num_layers: int, dim: int, nheads: int, ffn_dim: int, dropout: float,
-        attn_dropout: float, norm: str = "post",
+        attn_dropout: float, norm: str = "post", self_attention: bool = True,
+        ffn_residual: bool = True, carry_text: bool = True,
     ) -> None:
         super().__init__()
         self.layers = nn.ModuleList(
-            BiCMFLayer(dim, nheads, ffn_dim, dropout, attn_dropout, norm)
+            BiCMFLayer(dim, nheads, ffn_dim, dropout, attn_dropout, norm, self_attention,
+                       ffn_residual, carry_text)
             for _ in range(num_layers)
         )
 

@@ -18,14 +18,17 @@ class MomentToHighlight(nn.Module):
     pre-FRA video; a GRU summarises them into h; clip weights w_j = <h, V_j> re-weight the
     encoder memory, m'_j = (1 + w_j) m_j, and s_mr_j = sum_k (P m'_j)_k / sqrt(d).
 
-    Deviation, on purpose: the GRU runs over the selected clips only (a packed sequence). The
-    reference right-pads the slice with zeros to the batch's clip count, so the score depended on
-    how much padding the batch happened to have, and a negative predicted start sliced from the
-    end of the video; here the span is clamped to the valid clips.
+    GRU input (`gru_input`): "slice" runs the GRU over the selected clips only (a packed
+    sequence); "padded" (the reference) runs it over the slice right-padded with zeros to the
+    batch's clip count, so h is the state after the slice *and* the zero steps that follow
+    it, and the score depends on how much padding the batch has. Both measured alike at the
+    paper recipe (docs/FIDELITY.md, 11). In both, the span is clamped to the valid clips (the
+    reference slices from the end of the video for a negative predicted start).
     """
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, gru_input: str = "slice") -> None:
         super().__init__()
+        self.padded = gru_input == "padded"
         self.gru = nn.GRU(dim, dim, num_layers=1, batch_first=True)
         # no bias: s_mr only feeds L_tc, a cosine of (s - min s), which no constant shift changes
         self.proj = nn.Linear(dim, dim, bias=False)
@@ -50,11 +53,15 @@ class MomentToHighlight(nn.Module):
             st = torch.minimum(st, length - 1)
             ed = torch.maximum(torch.minimum(ed, length - 1), st)
             n = ed - st + 1  # (B,) >= 1
-            idx = st[:, None] + torch.arange(int(n.max()), device=video.device)  # (B, Ls)
-            idx = torch.minimum(idx, (length - 1)[:, None])
+            steps = torch.arange(Lv if self.padded else int(n.max()), device=video.device)
+            idx = torch.minimum(st[:, None] + steps, (length - 1)[:, None])  # (B, Ls)
+            inside = steps[None] < n[:, None]  # (B, Ls)
         clips = video.gather(1, idx[..., None].expand(-1, -1, d))  # (B, Ls, d)
-        packed = pack_padded_sequence(clips, n.cpu(), batch_first=True, enforce_sorted=False)
-        _, h = self.gru(packed)  # (1, B, d)
+        if self.padded:  # the slice, then zeros up to Lv
+            _, h = self.gru(clips * inside[..., None])  # (1, B, d)
+        else:
+            packed = pack_padded_sequence(clips, n.cpu(), batch_first=True, enforce_sorted=False)
+            _, h = self.gru(packed)  # (1, B, d)
         weights = torch.einsum("bd,bld->bl", h[0], video)  # (B, Lv)
         reweighted = (1 + weights)[..., None] * memory
         return self.proj(reweighted).sum(-1) * self.scale  # (B, Lv)

@@ -62,7 +62,10 @@ class VideoLights(nn.Module):
         self.text_pos = nn.Embedding(cfg.max_q_l, d)
         nn.init.normal_(self.text_pos.weight, std=cfg.text_pos_std)
         ffn, drop, adrop = cfg.dim_feedforward, cfg.dropout, cfg.attention_dropout
-        self.bicmf = BiCMF(cfg.bicmf_layers, d, cfg.nheads, ffn, drop, adrop, cfg.bicmf_norm)
+        self.bicmf = BiCMF(
+            cfg.bicmf_layers, d, cfg.nheads, ffn, drop, adrop, cfg.bicmf_norm,
+            cfg.bicmf_self_attention, cfg.bicmf_ffn_residual, cfg.bicmf_carry_text,
+        )
         self.global_token = nn.Parameter(torch.randn(d) * cfg.global_token_std)
         self.global_pos = nn.Parameter(torch.randn(d) * cfg.global_token_std)
         self.encoder = Encoder(cfg.enc_layers, d, cfg.nheads, ffn, drop, adrop)
@@ -72,7 +75,7 @@ class VideoLights(nn.Module):
         self.span_embed = MLP(d, d, 2, 3)
         self.saliency_clip = nn.Linear(d, d)
         self.saliency_global = nn.Linear(d, d)
-        self.mr2hd = MomentToHighlight(d) if cfg.mr2hd else None
+        self.mr2hd = MomentToHighlight(d, cfg.mr2hd_gru_input) if cfg.mr2hd else None
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
         if cfg.span_nce:
             self.query_contrast = nn.Linear(d, cfg.contrastive_dim)
