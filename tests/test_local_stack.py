@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import boto3
 import pytest
+import requests
 from mlflow.tracking import MlflowClient
 
 from cluster.local.common import quiet_env
@@ -98,10 +100,14 @@ def finished_jobs(local_stack_env, s3_server, tmp_path_factory) -> dict[str, tup
     _s3_client(s3_server).put_object(Bucket="vl-data", Key=key, Body=b"shard-bytes")
     ok_script = f"""
         import os, sys
-        import boto3
+        import boto3, requests
         assert os.environ["MLFLOW_TRACKING_URI"].startswith("http://127.0.0.1:")
         body = boto3.client("s3").get_object(Bucket="vl-data", Key="{key}")["Body"].read()
-        print("JOB-SAW", os.environ["VL_MARKER"], body.decode())
+        mlflow = requests.get(
+            os.environ["MLFLOW_TRACKING_URI"] + "/api/2.0/mlflow/experiments/search?max_results=1",
+            auth=(os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"]),
+            timeout=30)
+        print("JOB-SAW", os.environ["VL_MARKER"], body.decode(), "mlflow", mlflow.status_code)
         sys.exit(0 if body == b"shard-bytes" else 5)
     """
     runtime_env = json.dumps({"env_vars": {"VL_MARKER": "m-123"}})
@@ -122,10 +128,11 @@ def finished_jobs(local_stack_env, s3_server, tmp_path_factory) -> dict[str, tup
 
 
 def test_ray_job_reads_env_and_s3(finished_jobs):
-    """The job gets a variable from --runtime-env-json and the S3/MLflow ones from the head."""
+    """The job gets a variable from --runtime-env-json and the S3/MLflow ones (the MLflow
+    user included) from the head."""
     code, out = finished_jobs["ok"]
     assert code == 0, out[-4000:]
-    assert "JOB-SAW m-123 shard-bytes" in out
+    assert "JOB-SAW m-123 shard-bytes mlflow 200" in out
 
 
 def test_ray_job_failure_exits_nonzero(finished_jobs):
@@ -160,6 +167,14 @@ def test_cli_up_status_down_leaves_no_process(tmp_path):
         )
         assert (root / "env.sh").read_text().count("export ") == len(exports)
         assert oct((root / "env.sh").stat().st_mode & 0o777) == "0o600"
+        assert oct((root / "state.json").stat().st_mode & 0o777) == "0o600"
+        assert oct(root.stat().st_mode & 0o777) == "0o700"
+        # The exported MLflow user is what the (basic-auth) server accepts; nobody else is.
+        search = f"{state['mlflow']['uri']}/api/2.0/mlflow/experiments/search?max_results=1"
+        auth = tuple(shlex.split(exports[k])[0]
+                     for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"))
+        assert requests.get(search, timeout=30).status_code == 401
+        assert requests.get(search, auth=auth, timeout=30).status_code == 200
 
         status = _cli("status", root=root)
         assert status.returncode == 0, status.stdout

@@ -425,7 +425,8 @@ def test_direct_run_joins_the_stack_and_fails_fast_when_it_is_too_small(shards, 
     assert len(lines) == 1 and "too small for scale.num_workers=5" in lines[0], proc.stderr
     assert time.monotonic() - t0 < 90
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", stack_env["MLFLOW_TRACKING_URI"])
+        for key in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+            mp.setenv(key, stack_env[key])
         assert _runs_or_none("videolights-smoke", name) == []
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 
 from cluster.local.common import WORKING_DIR_EXCLUDES
-from cluster.local.stack import ENV_FILE, STATE_FILE, LocalStack
+from cluster.local.stack import ENV_FILE, STATE_FILE, LocalStack, write_state
 from jobs.shard import run as shard_run
 from vl.data.synthetic import SyntheticConfig, generate
 
@@ -108,7 +108,8 @@ def submit_training(env: dict[str, str], overrides: list[str], t0: float) -> dic
 
 def report(summary: dict, env: dict[str, str], t0: float) -> None:
     """MLflow URL, the best evaluation's metrics, the registered version and its alias."""
-    os.environ["MLFLOW_TRACKING_URI"] = env["MLFLOW_TRACKING_URI"]
+    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        os.environ[key] = env[key]
     client = MlflowClient()
     run = client.get_run(summary["mlflow_run_id"])
     uri = env["MLFLOW_TRACKING_URI"]
@@ -130,15 +131,6 @@ def report(summary: dict, env: dict[str, str], t0: float) -> None:
           f"models:/{MODEL_NAME}@champion = version {version.version} [aliases: {aliases}]")
     print(f"predict with:     python -m jobs.predict --model models:/{MODEL_NAME}@champion "
           f"--data {DATA_PREFIX}/val --out predictions.jsonl --gt", flush=True)
-
-
-def write_state(stack: LocalStack) -> None:
-    """Record the stack like `cluster.local.stack up` does, so `... stack down --dir` stops it."""
-    env_text = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in sorted(stack.env().items()))
-    for name, text in ((STATE_FILE, json.dumps(stack.state(), indent=2)), (ENV_FILE, env_text)):
-        fd = os.open(stack.root / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
 
 
 def main(argv: list[str] | None = None) -> int:

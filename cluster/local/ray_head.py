@@ -21,10 +21,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cluster.local.common import NO_TELEMETRY_ENV, free_port, quiet_env, wait_for
+from vl.private import private_dir, write_private
 
+# Ray makes its --temp-dir and session dirs world-writable (0777, for machines shared by several
+# users), so it gets a subdirectory of our private (0700) temp dir: nobody else can reach it.
+RAY_SUBDIR = "r"
 # Ray puts AF_UNIX sockets at <temp-dir>/session_<date>_<usec>_<pid>/sockets/plasma_store.N; the
-# kernel caps a socket path at 107 bytes and everything after <temp-dir> takes up to ~66.
-MAX_TEMP_DIR_CHARS = 40
+# kernel caps a socket path at 107 bytes and everything after Ray's temp dir takes up to ~66.
+MAX_TEMP_DIR_CHARS = 40 - len(RAY_SUBDIR) - 1
 
 # Ray's default worker port range is 10002..19999; every fixed port we pick lies outside it.
 _PORT_LOW, _PORT_HIGH = 20000, 40000
@@ -112,12 +116,9 @@ def stop_session(
 
 
 def write_token(path: Path) -> str:
-    """Write a fresh 256-bit auth token to `path` (mode 0600) and return it."""
+    """Write a fresh 256-bit auth token to `path` (created 0600, atomically) and return it."""
     token = secrets.token_hex(32)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(token)
+    write_private(path, token)
     return token
 
 
@@ -273,16 +274,15 @@ _HEAD_PORTS = (
 
 
 def _prepare_temp_dir(temp_dir: Path) -> tuple[Path, Path, Path]:
-    """(temp dir, the head's HOME, its auth token file), created; the path length checked."""
-    temp_dir = Path(temp_dir).resolve()
+    """(temp dir, the head's HOME, its auth token file), created private (0700, owner-checked:
+    the dir may sit in a shared /tmp); the path length checked."""
+    temp_dir = private_dir(Path(temp_dir).absolute())  # a symlink there is refused
     if len(str(temp_dir)) > MAX_TEMP_DIR_CHARS:
         raise ValueError(
             f"Ray temp dir {temp_dir} is {len(str(temp_dir))} characters; Ray's socket paths "
             f"overflow past {MAX_TEMP_DIR_CHARS}. Use a shorter path (e.g. under /tmp)."
         )
-    temp_dir.mkdir(parents=True, exist_ok=True)
-    home = temp_dir / "home"
-    home.mkdir(exist_ok=True)
+    home = private_dir(temp_dir / "home")
     # With this file present Ray believes it runs on a launched cluster with a local provider
     # and skips the cloud-metadata probes its dashboard otherwise sends (STACK.md).
     (home / "ray_bootstrap_config.yaml").write_text("provider:\n  type: local\n")
@@ -299,7 +299,7 @@ def _head_command(temp_dir: Path, num_cpus: int, object_store_bytes: int,
         "start",
         "--head",
         "--block",
-        f"--temp-dir={temp_dir}",
+        f"--temp-dir={temp_dir / RAY_SUBDIR}",
         f"--num-cpus={num_cpus}",
         "--num-gpus=0",
         f"--object-store-memory={object_store_bytes}",

@@ -3,6 +3,11 @@
 Why a real server and not a patched client: the shard writer, the dataset cache and Ray Train's
 checkpoint storage all talk S3 through different clients (s3fs, pyarrow, boto3). Only a real
 server that enforces credentials catches a client that ignores `AWS_ENDPOINT_URL` or the keys.
+
+Only the S3 gateway is for clients. WebDAV is not started; the master's and filer's plain HTTP
+APIs are off (`-disableHttp`); every other port is locked by `seaweed_security` (JWT + mutual
+TLS). The data directory is private (0700) and holds the identity file, security.toml, the TLS
+keys, the logs and the filer's and gateway's Unix sockets.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import json
 import os
 import secrets
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -23,9 +29,12 @@ import botocore.session
 from botocore.config import Config
 
 from cluster.local.common import free_port, port_open, quiet_env, wait_for
+from cluster.local.seaweed_security import write_security
+from vl.private import private_dir, write_private
 
 REGION = "us-east-1"
 GRPC_PORT_OFFSET = 10000  # SeaweedFS derives gRPC ports as http port + 10000 when not given
+SERVICES = ("master", "volume", "filer", "s3", "admin")  # each listens on p and p + 10000
 
 
 def weed_binary() -> Path:
@@ -76,6 +85,7 @@ class S3Server:
     buckets: list[str]
     region: str = REGION
     log_path: Path | None = None
+    ports: dict[str, int] = field(default_factory=dict)  # HTTP port per component (gRPC: +10000)
     _proc: subprocess.Popen | None = field(default=None, repr=False, compare=False)
 
     def env(self) -> dict[str, str]:
@@ -108,6 +118,20 @@ class S3Server:
         if self._proc is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self._proc.wait(timeout=5)
+        remove_grpc_sockets(self.ports)
+
+
+def remove_grpc_sockets(ports: dict[str, int]) -> None:
+    """Remove the Unix sockets `weed mini` leaves at its fixed /tmp paths (one per gRPC port;
+    it does not remove them on exit). Only sockets owned by this user are touched."""
+    for name, port in ports.items():
+        path = Path(f"/tmp/seaweedfs-{name}-grpc-{port + GRPC_PORT_OFFSET}.sock")
+        try:
+            info = path.lstat()
+        except FileNotFoundError:
+            continue
+        if stat.S_ISSOCK(info.st_mode) and info.st_uid == os.geteuid():
+            path.unlink(missing_ok=True)
 
 
 def _group_alive(pgid: int) -> bool:
@@ -148,28 +172,26 @@ def start_s3(
     """Start `weed mini` on free loopback ports with `buckets` created; return when usable.
 
     The server runs in its own process session so `stop()` can end all of its children at once.
+    `data_dir` must be new or a private directory of this user (`vl.private.private_dir`).
     """
-    data_dir = Path(data_dir).resolve()
-    data_dir.mkdir(parents=True, exist_ok=True)
+    data_dir = private_dir(data_dir)
     access_key = access_key or "vl" + secrets.token_hex(8)
     secret_key = secret_key or secrets.token_hex(20)
     config_path = _write_identity(data_dir / "s3.json", access_key, secret_key)
+    write_security(data_dir)  # read by every component from the working directory
     taken: set[int] = set()
-    ports = {
-        name: _paired_free_port(taken)
-        for name in ("master", "volume", "filer", "s3", "admin", "webdav")
-    }
-    store = data_dir / "store"
-    store.mkdir(exist_ok=True)
+    ports = {name: _paired_free_port(taken) for name in SERVICES}
+    store = private_dir(data_dir / "store")
+    logs = private_dir(data_dir / "logs")
     log_path = data_dir / "weed.log"
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
-            _weed_command(store, ports, config_path, buckets),
+            _weed_command(store, logs, ports, config_path, buckets),
             cwd=data_dir,
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            env=quiet_env(),
+            env=_weed_env(data_dir),
             start_new_session=True,
         )
     server = S3Server(
@@ -180,6 +202,7 @@ def start_s3(
         data_dir=data_dir,
         buckets=list(buckets),
         log_path=log_path,
+        ports=ports,
         _proc=proc,
     )
 
@@ -201,7 +224,8 @@ def start_s3(
 
 def _write_identity(path: Path, access_key: str, secret_key: str) -> Path:
     """The server's one identity (admin on every bucket), readable by its owner only."""
-    path.write_text(
+    return write_private(
+        path,
         json.dumps(
             {
                 "identities": [
@@ -212,16 +236,23 @@ def _write_identity(path: Path, access_key: str, secret_key: str) -> Path:
                     }
                 ]
             }
-        )
+        ),
     )
-    os.chmod(path, 0o600)
-    return path
 
 
-def _weed_command(store: Path, ports: dict[str, int], config_path: Path,
+def _weed_env(data_dir: Path) -> dict[str, str]:
+    """The no-telemetry environment without WEED_* variables (SeaweedFS lets them override
+    security.toml, JWT keys included) and with a private temp dir."""
+    env = {k: v for k, v in quiet_env().items() if not k.startswith("WEED_")}
+    env["TMPDIR"] = str(private_dir(data_dir / "tmp"))
+    return env
+
+
+def _weed_command(store: Path, logs: Path, ports: dict[str, int], config_path: Path,
                   buckets: list[str]) -> list[str]:  # fmt: skip
     return [
         str(weed_binary()),
+        f"-logdir={logs}",  # glog writes to /tmp otherwise
         "mini",
         f"-dir={store}",
         "-ip=127.0.0.1",
@@ -231,7 +262,12 @@ def _weed_command(store: Path, ports: dict[str, int], config_path: Path,
         f"-filer.port={ports['filer']}",
         f"-s3.port={ports['s3']}",
         f"-admin.port={ports['admin']}",
-        f"-webdav.port={ports['webdav']}",
+        "-webdav=false",
+        "-disableHttp",  # the master's and filer's HTTP APIs: the gateway uses gRPC
+        # Relative to the working directory (the private data dir): the default is a fixed
+        # /tmp path, and a relative one never overflows the 107-byte socket path limit.
+        "-filer.localSocket=filer.sock",
+        "-s3.localSocket=s3.sock",
         "-admin.ui=false",
         "-master.telemetry=false",
         "-s3.port.iceberg=0",

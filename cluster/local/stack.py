@@ -7,6 +7,11 @@ sessions and records PIDs in a state file, so `down` can stop exactly these proc
     python -m cluster.local.stack up [--dir .local-stack]     # prints `export ...` lines
     python -m cluster.local.stack status [--dir .local-stack]
     python -m cluster.local.stack down [--dir .local-stack]
+
+The state directory is private (0700; one owned by another user, or a symlink, is refused) and
+its state.json and env.sh (0600) hold every credential a client needs: the S3 keys, the MLflow
+admin user and password, the Ray token's path. `eval "$(python -m cluster.local.stack up)"`
+exports them into a shell.
 """
 
 from __future__ import annotations
@@ -34,7 +39,8 @@ from cluster.local.ray_head import (
     start_ray_head,
     stop_session,
 )
-from cluster.local.s3 import S3Server, start_s3
+from cluster.local.s3 import S3Server, remove_grpc_sockets, start_s3
+from vl.private import UnsafePathError, private_dir, write_private
 
 BUCKETS = ["vl-data", "vl-runs", "mlflow"]
 STATE_FILE = "state.json"
@@ -46,12 +52,14 @@ def _stderr(message: str) -> None:
 
 
 def ray_temp_dir(root: Path) -> Path:
-    """`root/ray` when short enough for Ray's socket paths, else a stable short path in /tmp."""
+    """`root/ray` when short enough for Ray's socket paths, else a stable short path in /tmp
+    named after this user and `root`. The Ray head creates it private and refuses one that
+    another user (or a symlink) holds (`ray_head._prepare_temp_dir`)."""
     candidate = root.resolve() / "ray"
     if len(str(candidate)) <= MAX_TEMP_DIR_CHARS:
         return candidate
     digest = hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:10]
-    return Path("/tmp") / f"vl-ray-{digest}"
+    return Path("/tmp") / f"vl-ray-{os.geteuid()}-{digest}"
 
 
 @dataclass
@@ -74,9 +82,9 @@ class LocalStack:
         """Bring up S3, then MLflow (artifacts to S3), then Ray (workers see both).
 
         If a later service fails, the ones already up are stopped before the error propagates.
+        `root` is made private (0700); one owned by another user, or a symlink, is refused.
         """
-        root = Path(root).resolve()
-        root.mkdir(parents=True, exist_ok=True)
+        root = private_dir(Path(root).absolute())
         started: list[S3Server | MlflowServer | RayHead] = []
         try:
             t0 = time.monotonic()
@@ -105,7 +113,8 @@ class LocalStack:
         return cls(root=root, s3=s3, mlflow=mlflow, ray=ray)
 
     def env(self) -> dict[str, str]:
-        """Every variable a client needs: AWS_*, MLFLOW_TRACKING_URI, RAY_ADDRESS, the token."""
+        """Every variable a client needs: AWS_*, MLFLOW_TRACKING_URI and the MLflow user,
+        RAY_ADDRESS, the token."""
         return {**NO_TELEMETRY_ENV, **self.s3.env(), **self.mlflow.env(), **self.ray.env()}
 
     def stop(self) -> None:
@@ -126,8 +135,14 @@ class LocalStack:
                 "endpoint": self.s3.endpoint,
                 "access_key": self.s3.access_key,
                 "secret_key": self.s3.secret_key,
+                "ports": self.s3.ports,
             },
-            "mlflow": {**proc(self.mlflow.pid), "uri": self.mlflow.uri},
+            "mlflow": {
+                **proc(self.mlflow.pid),
+                "uri": self.mlflow.uri,
+                "username": self.mlflow.username,
+                "password": self.mlflow.password,
+            },
             "ray": {
                 **proc(self.ray.pid),
                 "dashboard_url": self.ray.dashboard_url,
@@ -154,11 +169,11 @@ def _read_state(root: Path) -> dict | None:
         return None
 
 
-def _write_private(path: Path, text: str) -> None:
-    """Write a file only the owner can read: it holds the S3 secret key."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
+def write_state(stack: LocalStack) -> None:
+    """state.json and env.sh in the stack's root, each created 0600 atomically: they hold the
+    S3 secret key and the MLflow password."""
+    write_private(stack.root / STATE_FILE, json.dumps(stack.state(), indent=2))
+    write_private(stack.root / ENV_FILE, exports(stack.env()))
 
 
 def _service_alive(record: dict) -> bool:
@@ -191,10 +206,12 @@ def _stop_recorded(state: dict) -> list[int]:
             start_ticks=record.get("start_ticks"),
             term_all=name != "ray",  # Ray's --block leader stops its own children in order
         )
+    remove_grpc_sockets(state.get("s3", {}).get("ports", {}))
     return stopped
 
 
-def _exports(env: dict[str, str]) -> str:
+def exports(env: dict[str, str]) -> str:
+    """`export K=V` lines a shell can eval or source."""
     return "".join(f"export {k}={shlex.quote(v)}\n" for k, v in sorted(env.items()))
 
 
@@ -203,7 +220,7 @@ def cmd_up(root: Path, num_cpus: int) -> int:
     if state is not None:
         if all(_service_alive(state[name]) for name in SERVICES if name in state):
             _stderr(f"local stack already running (state in {root / STATE_FILE})")
-            print(_exports(state["env"]), end="")
+            print(exports(state["env"]), end="")
             return 0
         _stderr("found a stale state file; cleaning up what is left of the previous stack")
         _stop_recorded(state)
@@ -213,12 +230,11 @@ def cmd_up(root: Path, num_cpus: int) -> int:
         keys = (state["s3"]["access_key"], state["s3"]["secret_key"])
     t0 = time.monotonic()
     stack = LocalStack.start(root, num_cpus=num_cpus, s3_keys=keys)
-    state = stack.state()
-    _write_private(root / STATE_FILE, json.dumps(state, indent=2))
-    _write_private(root / ENV_FILE, _exports(stack.env()))
+    write_state(stack)
     _stderr(f"local stack up in {time.monotonic() - t0:.1f} s; state in {root / STATE_FILE}")
-    print(_exports(stack.env()), end="")
-    print(f"# MLflow UI:      {stack.mlflow.uri}")
+    print(exports(stack.env()), end="")
+    print(f"# MLflow UI:      {stack.mlflow.uri}  (user {stack.mlflow.username}, password in "
+          f"MLFLOW_TRACKING_PASSWORD)")
     print(f"# Ray dashboard:  {stack.ray.dashboard_url}  (token: {stack.ray.token_path})")
     print(f"# or: source {root / ENV_FILE}")
     return 0
@@ -271,12 +287,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--num-cpus", type=int, default=2, help="CPUs the Ray head offers")
     args = parser.parse_args(argv)
-    root = args.dir.resolve()
-    if args.command == "up":
-        return cmd_up(root, args.num_cpus)
-    if args.command == "down":
-        return cmd_down(root)
-    return cmd_status(root)
+    root = args.dir.absolute()
+    try:
+        if args.command == "up" or root.exists() or root.is_symlink():
+            root = private_dir(root)  # state files are read or written only in a private dir
+        if args.command == "up":
+            return cmd_up(root, args.num_cpus)
+        if args.command == "down":
+            return cmd_down(root)
+        return cmd_status(root)
+    except UnsafePathError as err:
+        _stderr(f"cluster.local.stack: {err}")
+        return 2
 
 
 if __name__ == "__main__":

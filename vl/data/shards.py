@@ -31,6 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from vl.private import private_dir
 from vl.storage import filesystem, is_remote, join_uri, read_bytes, sha256_file, write_bytes
 
 SCHEMA_VERSION = 1
@@ -396,7 +397,7 @@ def fetch_shard(base_uri: str, info: ShardInfo, cache_dir: str | Path | None) ->
                                     "rewrite the shard set with python -m jobs.shard")
         return local
     if cache_dir is None:
-        cache_dir = default_cache_dir()
+        cache_dir = private_dir(default_cache_dir())
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     local = cache_dir / f"{info.sha256[:24]}-{Path(info.path).name}"
@@ -421,8 +422,19 @@ def fetch_shard(base_uri: str, info: ShardInfo, cache_dir: str | Path | None) ->
 
 
 def default_cache_dir() -> Path:
-    """Per-user local cache for downloaded shards (content-addressed by sha256, safe to share)."""
-    return Path(os.environ.get("VL_SHARD_CACHE", Path(tempfile.gettempdir()) / "vl-shard-cache"))
+    """This user's cache for downloaded shards: $VL_SHARD_CACHE, else
+    $XDG_CACHE_HOME/videolights/shards (~/.cache/...), else /tmp/vl-shard-cache-<uid>.
+
+    Never one path shared by all users: fetch_shard makes the default private (0700, owner
+    checked), so another user can neither plant entries nor read what was fetched.
+    """
+    if os.environ.get("VL_SHARD_CACHE"):
+        return Path(os.environ["VL_SHARD_CACHE"])
+    base = Path(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"))
+    existing = base if base.is_dir() else base.parent  # a HOME without .cache yet is fine
+    if base.is_absolute() and existing.is_dir() and os.access(existing, os.W_OK):
+        return base / "videolights" / "shards"
+    return Path(tempfile.gettempdir()) / f"vl-shard-cache-{os.geteuid()}"
 
 
 def decode_features(blob: bytes | np.ndarray, n: int, dim: int) -> np.ndarray:
