@@ -550,12 +550,13 @@ class Tracker:
     def __init__(self, run_id: str, cfg: ExperimentConfig) -> None:
         self.run_id = run_id
         self.cfg = cfg
+        self.metrics = tracking.RunMetrics(run_id)  # an epoch a resume redoes is logged once
 
     def log_epoch(self, epoch: int, metrics: dict[str, float], history: dict) -> None:
         values = finite({k: v for k, v in metrics.items() if k not in ("epoch",)})
         for k, v in values.items():
             history.setdefault(k, []).append((epoch, v))
-        tracking.log_epoch(self.run_id, epoch, values)
+        self.metrics.log(epoch, values)
 
     def log_eval(self, epoch: int, history: dict, rows: list[dict], ground_truth: list[dict],
                  clip_len: float) -> None:

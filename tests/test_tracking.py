@@ -167,6 +167,25 @@ def test_log_epoch_and_params(mlflow_env):
     assert client.get_run(run_id).data.params == {"model.d": "8"}
 
 
+def test_run_metrics_log_each_step_once_across_restarts(mlflow_env):
+    """A resumed process (a new RunMetrics on the same run) offers epochs 1 and 2 again: the
+    run keeps one point per step, and a key the run never held is logged at every step."""
+    run_id = tracking.start_or_resume_run(_name("exp"), "resumed")
+    first = tracking.RunMetrics(run_id)
+    assert first.log(0, {"loss": 3.0}) == ["loss"]
+    assert first.log(1, {"loss": 2.0, "mAP": 5.0}) == ["loss", "mAP"]
+    assert first.log(2, {"loss": 1.0}) == ["loss"]
+    resumed = tracking.RunMetrics(run_id)  # the restarted attempt, from the epoch-0 checkpoint
+    assert resumed.log(1, {"loss": 2.0, "mAP": 5.0, "lr": 0.1}) == ["lr"]
+    assert resumed.log(2, {"loss": 1.0, "mAP": 6.0}) == ["mAP"]
+    assert resumed.log(3, {"loss": 0.5}) == ["loss"]
+    client = MlflowClient()
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "loss")] == [
+        (0, 3.0), (1, 2.0), (2, 1.0), (3, 0.5)]
+    assert sorted(m.step for m in client.get_metric_history(run_id, "mAP")) == [1, 2]
+    assert [m.step for m in client.get_metric_history(run_id, "lr")] == [1]
+
+
 def test_log_figure_stores_png(mlflow_env):
     run_id = tracking.start_or_resume_run(_name("exp"), "fig")
     tracking.log_figure(run_id, figures.plot_curves({"loss": [(0, 1.0)]}), "curves")

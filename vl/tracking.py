@@ -38,6 +38,7 @@ SELECTION_VALUE_TAG = "vl.selection_value"
 _CREDENTIAL_KEY = re.compile(r"secret|password|passwd|token|access_key|key_id|credential")
 _MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
 _BATCH_LIMIT = 100  # params per log_batch call (MLflow's limit)
+_METRIC_BATCH_LIMIT = 1000  # metrics per log_batch call (MLflow's limit)
 
 
 class TrackingServerUnavailableError(RuntimeError):
@@ -159,8 +160,50 @@ def log_epoch(run_id: str, epoch: int, metrics: Mapping[str, float]) -> None:
     now = int(time.time() * 1000)
     entries = [Metric(key, float(value), now, int(epoch)) for key, value in metrics.items()]
     client = MlflowClient()
-    for start in range(0, len(entries), 1000):  # MLflow's per-batch metric limit
-        client.log_batch(run_id, metrics=entries[start : start + 1000])
+    for start in range(0, len(entries), _METRIC_BATCH_LIMIT):
+        client.log_batch(run_id, metrics=entries[start : start + _METRIC_BATCH_LIMIT])
+
+
+class RunMetrics:
+    """A run's metrics as one process logs them: each (key, step) stored at most once, also
+    across restarts of the process.
+
+    Why: a resumed attempt (a restarted Ray worker group, a resubmitted job) rewinds to its
+    checkpoint and trains the epochs after it again, offering their metrics a second time.
+    MLflow cannot delete a metric point, so a step logged twice would stay in the history for
+    good (train_loss at steps 0, 1, 2, 2, 3). The first time a key is logged, its stored steps
+    are read once (only for keys the run already holds: a fresh run costs one request), and a
+    step the run holds is skipped. That is right because a resumed epoch is the same epoch:
+    training from a checkpoint is deterministic, so the stored point is the value it would log.
+    """
+
+    def __init__(self, run_id: str) -> None:
+        self.run_id = run_id
+        self._client = MlflowClient()
+        self._held: set[str] | None = None  # keys the run held when first asked
+        self._steps: dict[str, set[int]] = {}  # key -> steps the run holds
+
+    def _stored_steps(self, key: str) -> set[int]:
+        if self._held is None:
+            self._held = set(self._client.get_run(self.run_id).data.metrics)
+        if key not in self._steps:
+            history = self._client.get_metric_history(self.run_id, key) \
+                if key in self._held else []
+            self._steps[key] = {m.step for m in history}
+        return self._steps[key]
+
+    def log(self, step: int, metrics: Mapping[str, float]) -> list[str]:
+        """Log `metrics` at `step` in one request; returns the keys logged (the others the run
+        already holds at this step)."""
+        now = int(time.time() * 1000)
+        entries = [Metric(key, float(value), now, int(step)) for key, value in metrics.items()
+                   if int(step) not in self._stored_steps(key)]
+        for start in range(0, len(entries), _METRIC_BATCH_LIMIT):
+            self._client.log_batch(self.run_id,
+                                   metrics=entries[start : start + _METRIC_BATCH_LIMIT])
+        for entry in entries:
+            self._steps[entry.key].add(entry.step)
+        return [entry.key for entry in entries]
 
 
 def log_dataset(run_id: str, name: str, digest: str, uri: str, context: str,
