@@ -74,7 +74,14 @@ from vl.data.shards import ShardManifest, read_manifest
 from vl.engine import build_optimizer, evaluate, train_one_epoch, unwrap
 from vl.losses import build_criterion
 from vl.model import build_model
-from vl.storage import exists, join_uri, read_bytes, write_bytes
+from vl.storage import (
+    arrow_filesystem,
+    exists,
+    join_uri,
+    read_bytes,
+    wait_for_storage,
+    write_bytes,
+)
 
 PREDICTIONS_FILE = "val_predictions.jsonl"
 METRICS_FILE = "metrics.json"
@@ -413,6 +420,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     torch.set_num_threads(max(1, int(cfg.scale.cpus_per_worker)))
     device = ray.train.torch.get_device()
     is_chief = rank == 0
+    # A restarted group (after an outage, often) waits for storage before restoring from it:
+    # an outage is waited out (bounded, VL_S3_RETRY_TOTAL_S) instead of costing a failure.
+    waited = wait_for_storage(run_uri)
+    if is_chief and waited > 1:
+        say(f"storage {run_uri} answered after {waited:.0f} s")
     state = restore_or_init(cfg, device, loop_config.get("init_from"), is_chief)
     train_loader, val_loader, ground_truth = make_loaders(cfg, rank, world, is_chief)
     chief = ChiefEvaluation(cfg, loop_config["run_id"], loop_config["selection_metric"],
@@ -572,9 +584,8 @@ class Tracker:
 # ---- the driver ------------------------------------------------------------------------------
 def build_trainer(plan: JobPlan, run_id: str, use_gpu: bool):
     scale = plan.cfg.scale
-    storage_path = plan.storage
-    if "://" not in storage_path:
-        storage_path = os.path.abspath(storage_path)
+    # Ray's checkpoint uploads and downloads ride out an S3 outage as vl.storage's calls do.
+    storage_fs, storage_path = arrow_filesystem(plan.storage)
     resources = {"CPU": scale.cpus_per_worker}
     return TorchTrainer(
         train_loop_per_worker,
@@ -587,6 +598,7 @@ def build_trainer(plan: JobPlan, run_id: str, use_gpu: bool):
         run_config=RunConfig(
             name=plan.name,
             storage_path=storage_path,
+            storage_filesystem=storage_fs,
             checkpoint_config=CheckpointConfig(
                 num_to_keep=scale.keep_checkpoints,
                 checkpoint_score_attribute=plan.selection_metric,
@@ -609,6 +621,11 @@ def best_checkpoint(result, selection_metric: str):
     return max(candidates, key=lambda cm: (cm[1][selection_metric], cm[1].get("epoch", -1)))
 
 
+def checkpoint_uri(plan: JobPlan, ckpt) -> str:
+    """A checkpoint's URI: Ray names it by its path in the storage filesystem (no scheme)."""
+    return f"s3://{ckpt.path}" if plan.storage.startswith("s3://") else ckpt.path
+
+
 def finalize(plan: JobPlan, run_id: str, result) -> dict[str, Any]:
     """Final metrics and best predictions into the run; register the best checkpoint."""
     ckpt, metrics = best_checkpoint(result, plan.selection_metric)
@@ -623,14 +640,14 @@ def finalize(plan: JobPlan, run_id: str, result) -> dict[str, Any]:
         final = {"best_epoch": int(best_metrics.get("epoch", -1)),
                  "selection_metric": plan.selection_metric,
                  "selection": best_metrics.get(plan.selection_metric),
-                 "best_checkpoint": ckpt.path, "metrics": best_metrics,
+                 "best_checkpoint": checkpoint_uri(plan, ckpt), "metrics": best_metrics,
                  "last_epoch_metrics": finite(result.metrics or {})}
         client.log_dict(run_id, final, "metrics/final_metrics.json")
         client.log_artifact(run_id, str(ckpt_dir / PREDICTIONS_FILE), "predictions")
         client.log_metric(run_id, "best_" + SELECTION_KEY,
                           float(best_metrics.get(plan.selection_metric, float("nan"))))
         summary.update(best_epoch=final["best_epoch"], selection=final["selection"],
-                       best_checkpoint=ckpt.path,
+                       best_checkpoint=checkpoint_uri(plan, ckpt),
                        metrics={k: best_metrics[k] for k in sorted(best_metrics)
                                 if not k.startswith(("train_", "val_"))})
         if plan.register_as:
