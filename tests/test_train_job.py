@@ -430,6 +430,14 @@ def test_impossible_training_values_exit_2_before_anything(override, key, capsys
 
 
 
+def test_bad_s3_retry_setting_exits_2_naming_the_variable(monkeypatch, capsys):
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "zero")
+    code, err = _train_main(["--config", "configs/smoke.yaml", "--data", "s3://vl-data/x"],
+                            capsys)
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert "AWS_MAX_ATTEMPTS='zero': expected a positive integer" in err
+
+
 def test_check_capacity_counts_whole_workers_per_node():
     check_capacity(2, 1.0, [2.0])
     check_capacity(3, 1.5, [3.0, 1.5])
