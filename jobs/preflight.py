@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from vl.config import ConfigError, ExperimentConfig
 from vl.data.shards import ShardManifest, read_manifest
-from vl.storage import filesystem, is_remote
+from vl.storage import S3Retry, StorageConfigError, filesystem, is_remote
 from vl.tracking import TrackingServerUnavailableError, check_tracking_server
 
 EXIT_BAD_INPUT = 2
@@ -55,8 +55,18 @@ def require_manifest(uri: str, role: str) -> ShardManifest:
         raise PreflightError(f"cannot read the {role} shard manifest at {uri}: {err}") from None
 
 
+def check_storage_settings() -> None:
+    """The S3 retry variables (AWS_RETRY_MODE, AWS_MAX_ATTEMPTS, VL_S3_*) are usable: a bad
+    one is named here, not in a traceback of the first S3 call."""
+    try:
+        S3Retry.from_env()
+    except StorageConfigError as err:
+        raise PreflightError(str(err)) from None
+
+
 def check_data(cfg: ExperimentConfig) -> DataShape:
     """Both shard sets exist, hold the configured dataset and feature sets, and agree."""
+    check_storage_settings()
     d = cfg.data
     train = require_manifest(d.train, "train")
     val = require_manifest(d.val, "val")

@@ -74,10 +74,18 @@ from vl.data.shards import ShardManifest, read_manifest
 from vl.engine import build_optimizer, evaluate, train_one_epoch, unwrap
 from vl.losses import build_criterion
 from vl.model import build_model
-from vl.storage import exists, join_uri, read_bytes, write_bytes
+from vl.storage import (
+    arrow_filesystem,
+    exists,
+    join_uri,
+    read_bytes,
+    wait_for_storage,
+    write_bytes,
+)
 
 PREDICTIONS_FILE = "val_predictions.jsonl"
 METRICS_FILE = "metrics.json"
+UNSENT_METRICS_FILE = "unsent_metrics.json"  # metric points MLflow had not stored yet
 SELECTION_KEY = "selection"
 DEFAULT_STORAGE = "s3://vl-runs/train"
 FAULT_GRACE_S = 5.0
@@ -353,6 +361,7 @@ class WorkerState:
     global_step: int = 0
     history: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     best: dict[str, Any] = field(default_factory=lambda: {"epoch": -1, "value": float("-inf")})
+    unsent_metrics: list = field(default_factory=list)  # (step, metrics, ms) for the tracker
 
 
 def restore_or_init(cfg: ExperimentConfig, device: torch.device, init_from: str | None,
@@ -369,6 +378,9 @@ def restore_or_init(cfg: ExperimentConfig, device: torch.device, init_from: str 
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
             saved = restore_training_state(ckpt_dir, model, optimizer, scheduler)
+            unsent = Path(ckpt_dir) / UNSENT_METRICS_FILE
+            if unsent.exists():
+                state.unsent_metrics = json.loads(unsent.read_text())
         state.start_epoch, state.global_step = saved["epoch"] + 1, saved["global_step"]
         state.history, state.best = saved["history"], saved["best"]
         if is_chief:
@@ -413,10 +425,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     torch.set_num_threads(max(1, int(cfg.scale.cpus_per_worker)))
     device = ray.train.torch.get_device()
     is_chief = rank == 0
+    # A restarted group (after an outage, often) waits for storage before restoring from it:
+    # an outage is waited out (bounded, VL_S3_RETRY_TOTAL_S) instead of costing a failure.
+    waited = wait_for_storage(run_uri)
+    if is_chief and waited > 1:
+        say(f"storage {run_uri} answered after {waited:.0f} s")
     state = restore_or_init(cfg, device, loop_config.get("init_from"), is_chief)
     train_loader, val_loader, ground_truth = make_loaders(cfg, rank, world, is_chief)
     chief = ChiefEvaluation(cfg, loop_config["run_id"], loop_config["selection_metric"],
-                            val_loader, ground_truth, device) if is_chief else None  # fmt: skip
+                            val_loader, ground_truth, device,
+                            state.unsent_metrics) if is_chief else None  # fmt: skip
     epoch_times: list[float] = []
     for epoch in range(state.start_epoch, t.epochs):
         train_loader.dataset.set_epoch(epoch)
@@ -446,6 +464,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if chief is not None:
             chief.tracker.log_epoch(epoch, metrics, state.history)
             progress(epoch, t.epochs, metrics, epoch_times)
+    if chief is not None:
+        chief.tracker.close()  # what an MLflow outage held back, before the driver reads it
 
 
 @dataclass
@@ -458,9 +478,10 @@ class ChiefEvaluation:
     val_loader: Any
     ground_truth: list[dict]
     device: torch.device
+    unsent_metrics: list = field(default_factory=list)  # from the checkpoint resumed
 
     def __post_init__(self) -> None:
-        self.tracker = Tracker(self.run_id, self.cfg)
+        self.tracker = Tracker(self.run_id, self.cfg, self.unsent_metrics)
 
     def evaluate_and_checkpoint(self, state: WorkerState, epoch: int, metrics: dict[str, float],
                                 directory: Path, epoch_times: list[float]):  # fmt: skip
@@ -477,6 +498,8 @@ class ChiefEvaluation:
         self.tracker.log_epoch(epoch, metrics, state.history)
         self.tracker.log_eval(epoch, state.history, rows, self.ground_truth, cfg.data.clip_len)
         write_checkpoint(directory, cfg, state, epoch, self.run_id, metrics, rows)
+        # Points an MLflow outage holds back travel with the checkpoint: a restart resends them.
+        (directory / UNSENT_METRICS_FILE).write_text(json.dumps(self.tracker.log.unsent()))
         progress(epoch, cfg.train.epochs, metrics, epoch_times, self.selection_metric)
         return ray.train.Checkpoint.from_directory(str(directory))
 
@@ -545,35 +568,41 @@ def progress(epoch: int, epochs: int, metrics: dict[str, float], epoch_times: li
 
 
 class Tracker:
-    """Rank 0's MLflow logging into the run the driver opened (by id: no active-run state)."""
+    """Rank 0's MLflow logging into the run the driver opened (by id: no active-run state).
 
-    def __init__(self, run_id: str, cfg: ExperimentConfig) -> None:
+    Through a `tracking.BackgroundLog`: an MLflow outage delays the metrics and figures, never
+    the training, and an epoch a resume redoes is logged once."""
+
+    def __init__(self, run_id: str, cfg: ExperimentConfig, unsent: list | None = None) -> None:
         self.run_id = run_id
         self.cfg = cfg
+        self.log = tracking.BackgroundLog(run_id, queued=unsent or [])
 
     def log_epoch(self, epoch: int, metrics: dict[str, float], history: dict) -> None:
         values = finite({k: v for k, v in metrics.items() if k not in ("epoch",)})
         for k, v in values.items():
             history.setdefault(k, []).append((epoch, v))
-        tracking.log_epoch(self.run_id, epoch, values)
+        self.log.log_metrics(epoch, values)
+
+    def close(self) -> None:
+        self.log.close()
 
     def log_eval(self, epoch: int, history: dict, rows: list[dict], ground_truth: list[dict],
                  clip_len: float) -> None:
         """Curves and saliency examples, replaced at every evaluation (the latest is kept)."""
         curves = {k: v for k, v in history.items()
                   if "loss" in k or k in (SELECTION_KEY, metric_key("MR-full-R1@0.5"), "mAP")}
-        tracking.log_figure(self.run_id, figures.plot_curves(curves), "curves")
+        self.log.log_figure(figures.plot_curves(curves), "curves")
         if self.cfg.data.dataset != "tvsum" and rows:
             fig = figures.plot_saliency_examples(rows, ground_truth, n=4, clip_len=clip_len)
-            tracking.log_figure(self.run_id, fig, "saliency_examples")
+            self.log.log_figure(fig, "saliency_examples")
 
 
 # ---- the driver ------------------------------------------------------------------------------
 def build_trainer(plan: JobPlan, run_id: str, use_gpu: bool):
     scale = plan.cfg.scale
-    storage_path = plan.storage
-    if "://" not in storage_path:
-        storage_path = os.path.abspath(storage_path)
+    # Ray's checkpoint uploads and downloads ride out an S3 outage as vl.storage's calls do.
+    storage_fs, storage_path = arrow_filesystem(plan.storage)
     resources = {"CPU": scale.cpus_per_worker}
     return TorchTrainer(
         train_loop_per_worker,
@@ -586,6 +615,7 @@ def build_trainer(plan: JobPlan, run_id: str, use_gpu: bool):
         run_config=RunConfig(
             name=plan.name,
             storage_path=storage_path,
+            storage_filesystem=storage_fs,
             checkpoint_config=CheckpointConfig(
                 num_to_keep=scale.keep_checkpoints,
                 checkpoint_score_attribute=plan.selection_metric,
@@ -608,6 +638,11 @@ def best_checkpoint(result, selection_metric: str):
     return max(candidates, key=lambda cm: (cm[1][selection_metric], cm[1].get("epoch", -1)))
 
 
+def checkpoint_uri(plan: JobPlan, ckpt) -> str:
+    """A checkpoint's URI: Ray names it by its path in the storage filesystem (no scheme)."""
+    return f"s3://{ckpt.path}" if plan.storage.startswith("s3://") else ckpt.path
+
+
 def finalize(plan: JobPlan, run_id: str, result) -> dict[str, Any]:
     """Final metrics and best predictions into the run; register the best checkpoint."""
     ckpt, metrics = best_checkpoint(result, plan.selection_metric)
@@ -622,14 +657,14 @@ def finalize(plan: JobPlan, run_id: str, result) -> dict[str, Any]:
         final = {"best_epoch": int(best_metrics.get("epoch", -1)),
                  "selection_metric": plan.selection_metric,
                  "selection": best_metrics.get(plan.selection_metric),
-                 "best_checkpoint": ckpt.path, "metrics": best_metrics,
+                 "best_checkpoint": checkpoint_uri(plan, ckpt), "metrics": best_metrics,
                  "last_epoch_metrics": finite(result.metrics or {})}
         client.log_dict(run_id, final, "metrics/final_metrics.json")
         client.log_artifact(run_id, str(ckpt_dir / PREDICTIONS_FILE), "predictions")
         client.log_metric(run_id, "best_" + SELECTION_KEY,
                           float(best_metrics.get(plan.selection_metric, float("nan"))))
         summary.update(best_epoch=final["best_epoch"], selection=final["selection"],
-                       best_checkpoint=ckpt.path,
+                       best_checkpoint=checkpoint_uri(plan, ckpt),
                        metrics={k: best_metrics[k] for k in sorted(best_metrics)
                                 if not k.startswith(("train_", "val_"))})
         if plan.register_as:

@@ -167,6 +167,80 @@ def test_log_epoch_and_params(mlflow_env):
     assert client.get_run(run_id).data.params == {"model.d": "8"}
 
 
+def test_run_metrics_log_each_step_once_across_restarts(mlflow_env):
+    """A resumed process (a new RunMetrics on the same run) offers epochs 1 and 2 again: the
+    run keeps one point per step, and a key the run never held is logged at every step."""
+    run_id = tracking.start_or_resume_run(_name("exp"), "resumed")
+    first = tracking.RunMetrics(run_id)
+    assert first.log(0, {"loss": 3.0}) == ["loss"]
+    assert first.log(1, {"loss": 2.0, "mAP": 5.0}) == ["loss", "mAP"]
+    assert first.log(2, {"loss": 1.0}) == ["loss"]
+    resumed = tracking.RunMetrics(run_id)  # the restarted attempt, from the epoch-0 checkpoint
+    assert resumed.log(1, {"loss": 2.0, "mAP": 5.0, "lr": 0.1}) == ["lr"]
+    assert resumed.log(2, {"loss": 1.0, "mAP": 6.0}) == ["mAP"]
+    assert resumed.log(3, {"loss": 0.5}) == ["loss"]
+    client = MlflowClient()
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "loss")] == [
+        (0, 3.0), (1, 2.0), (2, 1.0), (3, 0.5)]
+    assert sorted(m.step for m in client.get_metric_history(run_id, "mAP")) == [1, 2]
+    assert [m.step for m in client.get_metric_history(run_id, "lr")] == [1]
+
+
+def test_background_log_outlasts_an_mlflow_outage_longer_than_the_client_retries(
+        mlflow_env, monkeypatch):
+    """The server paused (SIGSTOP) longer than MLflow's client retries (1-s timeout, no retry
+    here): logging returns at once, the points wait, and once the server is back (SIGCONT)
+    every point is stored exactly once, although requests the client gave up on were
+    processed by the server after it resumed."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "1")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    run_id = tracking.start_or_resume_run(_name("exp"), "outage")
+    log = tracking.BackgroundLog(run_id, retry_s=(0.5, 2.0))
+    log.log_metrics(0, {"loss": 3.0})
+    assert log.flush(30)
+    with pytest.raises(MlflowException):  # what a synchronous logger meets: training dies
+        os.killpg(mlflow_env.pid, signal.SIGSTOP)
+        try:
+            tracking.RunMetrics(run_id).log(9, {"loss": 0.0})
+        finally:
+            os.killpg(mlflow_env.pid, signal.SIGCONT)
+    os.killpg(mlflow_env.pid, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        for step in (1, 2, 3):
+            log.log_metrics(step, {"loss": 3.0 - step, "mAP": 10.0 * step})
+        log.log_figure(figures.plot_curves({"loss": [(0, 3.0), (1, 2.0)]}), "curves")
+        assert time.monotonic() - t0 < 1.0  # the training loop is not held up
+        wait_for(lambda: log.failures >= 2, 30, "two failed sends while the server is paused")
+        assert not log.flush(1.0) and log.pending() >= 3
+        assert [s for s, _, _ in log.unsent()] == [1, 2, 3]
+    finally:
+        os.killpg(mlflow_env.pid, signal.SIGCONT)
+    t_back = time.monotonic()
+    assert log.close(60)
+    delivered_s = time.monotonic() - t_back
+    client = MlflowClient()
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "loss")] == [
+        (0, 3.0), (1, 2.0), (2, 1.0), (3, 0.0)]
+    assert sorted(m.step for m in client.get_metric_history(run_id, "mAP")) == [1, 2, 3]
+    assert [f.path for f in client.list_artifacts(run_id, "plots")] == ["plots/curves.png"]
+    assert delivered_s < 10  # the longest backoff (2 s) plus the sends
+
+
+def test_background_log_resends_points_kept_by_a_checkpoint(mlflow_env):
+    """`unsent()` taken with a checkpoint and handed to the next attempt as `queued`: stored
+    once, even where the first attempt's request did reach the server."""
+    run_id = tracking.start_or_resume_run(_name("exp"), "carried")
+    first = tracking.BackgroundLog(run_id)
+    first.log_metrics(0, {"loss": 1.0})
+    assert first.close(30)
+    carried = [(0, {"loss": 1.0}, 0), (1, {"loss": 0.5}, int(time.time() * 1000))]
+    resumed = tracking.BackgroundLog(run_id, queued=carried)
+    assert resumed.close(30)
+    history = MlflowClient().get_metric_history(run_id, "loss")
+    assert sorted((m.step, m.value) for m in history) == [(0, 1.0), (1, 0.5)]
+
+
 def test_log_figure_stores_png(mlflow_env):
     run_id = tracking.start_or_resume_run(_name("exp"), "fig")
     tracking.log_figure(run_id, figures.plot_curves({"loss": [(0, 1.0)]}), "curves")

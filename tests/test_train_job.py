@@ -177,9 +177,11 @@ def test_submit_stop_resubmit_register_and_predict(shards, stack_env, mlflow_env
     assert run.info.status == "FINISHED"
     client = MlflowClient()
     history = client.get_metric_history(run.info.run_id, "train_loss")
-    assert sorted({m.step for m in history}) == list(range(epochs))
-    assert {m.step for m in client.get_metric_history(run.info.run_id, "MR-full-R1_at_0.5")} \
-        == set(range(epochs))
+    assert sorted(m.step for m in history) == list(range(epochs))  # each epoch exactly once
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id,
+                                                            "MR-full-R1_at_0.5")) \
+        == list(range(epochs))
+    _assert_each_step_logged_once(run.info.run_id)
     for key in ("train_loss_span", "train_loss_saliency", "lr", "samples_per_s", "val_loss"):
         assert key in run.data.metrics, key
     assert any(key.startswith("system/cpu") for key in run.data.metrics)  # system metrics
@@ -219,28 +221,52 @@ def test_submit_stop_resubmit_register_and_predict(shards, stack_env, mlflow_env
     assert len(pred_file.read_text().splitlines()) == 16
 
 
+def _assert_each_step_logged_once(run_id: str) -> None:
+    """Every metric key's history, in logging order, has strictly increasing steps: no epoch
+    logged twice by a resumed attempt (MLflow cannot delete a metric point afterwards)."""
+    client = MlflowClient()
+    for key in client.get_run(run_id).data.metrics:
+        history = sorted(client.get_metric_history(run_id, key),
+                         key=lambda m: (m.timestamp, m.step))
+        steps = [m.step for m in history]
+        assert all(a < b for a, b in zip(steps, steps[1:])), f"{key}: steps {steps}"
+
+
 def test_killed_worker_is_replaced_and_training_resumes(shards, stack_env, mlflow_env):
     """scale.fail_at_step: rank 1 exits hard once mid-epoch; Ray restarts the group from the
-    latest checkpoint and the job still succeeds with every epoch and one MLflow run."""
+    latest checkpoint and the job still succeeds with one MLflow run in which every epoch's
+    metrics appear exactly once, having redone at most eval_every - 1 epochs.
+
+    eval_every=2 over 4 epochs: epoch 1 checkpoints, epoch 2 is logged without a checkpoint,
+    the fault hits epoch 3, so epoch 2 is trained (and offered to MLflow) a second time."""
     name = f"fault-{_uid()}"
-    epochs = 3
-    # 48 train queries, 2 ranks, batch 8 -> 3 steps per epoch: step 5 is inside epoch 2.
+    epochs, eval_every, steps_per_epoch = 4, 2, 3  # 48 queries / 2 ranks / batch 8
+    fail_at = 10  # inside epoch 3 (global steps 9..11)
     entry = _entrypoint("--data", shards, "--storage", "s3://vl-runs/test_train_job",
                         "--name", name, "--set", f"train.epochs={epochs}",
-                        "--set", "scale.fail_at_step=5", *FAST)
+                        "--set", f"scale.fail_at_step={fail_at}", *FAST,
+                        "--set", f"train.eval_every={eval_every}")
     done = submit(stack_env, name, entry)
     log = done.stdout + done.stderr
     assert done.returncode == 0, log[-5000:]
-    assert "[fault injection] rank 1 exits at global step 5" in log
+    assert f"[fault injection] rank 1 exits at global step {fail_at}" in log
     resumed = [line for line in log.splitlines() if "continuing with epoch" in line]
-    assert resumed and "continuing with epoch 2/3" in resumed[0], log[-5000:]
+    assert resumed and f"continuing with epoch 3/{epochs}" in resumed[0], log[-5000:]
+    resumed_at = int(resumed[0].split("continuing with epoch ")[1].split("/")[0]) - 1
+    redone = fail_at // steps_per_epoch - resumed_at  # completed epochs trained again
+    assert 0 <= redone <= eval_every - 1
     runs = _runs("videolights-smoke", name)
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
 
-    history = MlflowClient().get_metric_history(runs[0].info.run_id, "train_loss")
-    assert sorted({m.step for m in history}) == list(range(epochs))
-    # the failed attempt reached epoch 2 but died before logging it: each epoch logged once
-    assert len(history) == epochs
+    run_id = runs[0].info.run_id
+    client = MlflowClient()
+    history = client.get_metric_history(run_id, "train_loss")
+    assert sorted(m.step for m in history) == list(range(epochs))  # each epoch exactly once
+    assert [m.value for m in client.get_metric_history(run_id, "global_step")
+            if m.step == 0] == [steps_per_epoch]
+    assert sorted(m.step for m in client.get_metric_history(run_id, "MR-full-R1_at_0.5")) \
+        == [1, 3]
+    _assert_each_step_logged_once(run_id)
 
 
 # ---- bad input fails fast, before any worker (no Ray needed) --------------------------------
@@ -402,6 +428,14 @@ def test_impossible_training_values_exit_2_before_anything(override, key, capsys
                              "--set", override], capsys)
     assert code == 2 and err.count("\n") == 1 and f"key '{key}'" in err
 
+
+
+def test_bad_s3_retry_setting_exits_2_naming_the_variable(monkeypatch, capsys):
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "zero")
+    code, err = _train_main(["--config", "configs/smoke.yaml", "--data", "s3://vl-data/x"],
+                            capsys)
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert "AWS_MAX_ATTEMPTS='zero': expected a positive integer" in err
 
 
 def test_check_capacity_counts_whole_workers_per_node():

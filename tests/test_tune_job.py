@@ -63,5 +63,6 @@ def test_search_submitted_as_a_ray_job_survives_a_crashing_trial(local_stack_env
         assert child.info.status == "FINISHED"
         steps = [m.step for m in client.get_metric_history(child.info.run_id, "top5_map")]
         assert max(steps) == EPOCHS  # trained to the end after the crash
+        assert len(steps) == len(set(steps)), steps  # each epoch logged once despite the retry
     version = client.get_model_version_by_alias(f"test-tune-job-{tag}-VT", "champion")
     assert version.run_id == parent[0].data.tags["vl.registered_from_run"]

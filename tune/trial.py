@@ -181,10 +181,11 @@ class _ChildRun:
                            DOMAIN_TAG: params["domain"]}.items():  # fmt: skip
             client.set_tag(self.run_id, key, value)
         tracking.log_params(self.run_id, params)
+        self.metrics = tracking.RunMetrics(self.run_id)  # a retried trial's redone epochs: once
 
     def log(self, epoch: int, metrics: dict[str, float]) -> None:
         if self.run_id:
-            tracking.log_epoch(self.run_id, epoch, metrics)
+            self.metrics.log(epoch, metrics)
 
     def finish(self) -> None:
         if self.run_id:

@@ -9,12 +9,17 @@ effect of logging. Imports mlflow only: the served model (which runs the network
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import re
+import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections import deque
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,6 +34,8 @@ from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
+_log = logging.getLogger(__name__)
+
 RUN_NAME_TAG = "vl.run_name"
 CHAMPION_ALIAS = "champion"
 SELECTION_METRIC_TAG = "vl.selection_metric"
@@ -38,6 +45,7 @@ SELECTION_VALUE_TAG = "vl.selection_value"
 _CREDENTIAL_KEY = re.compile(r"secret|password|passwd|token|access_key|key_id|credential")
 _MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
 _BATCH_LIMIT = 100  # params per log_batch call (MLflow's limit)
+_METRIC_BATCH_LIMIT = 1000  # metrics per log_batch call (MLflow's limit)
 
 
 class TrackingServerUnavailableError(RuntimeError):
@@ -159,8 +167,182 @@ def log_epoch(run_id: str, epoch: int, metrics: Mapping[str, float]) -> None:
     now = int(time.time() * 1000)
     entries = [Metric(key, float(value), now, int(epoch)) for key, value in metrics.items()]
     client = MlflowClient()
-    for start in range(0, len(entries), 1000):  # MLflow's per-batch metric limit
-        client.log_batch(run_id, metrics=entries[start : start + 1000])
+    for start in range(0, len(entries), _METRIC_BATCH_LIMIT):
+        client.log_batch(run_id, metrics=entries[start : start + _METRIC_BATCH_LIMIT])
+
+
+class RunMetrics:
+    """A run's metrics as one process logs them: each (key, step) stored at most once, also
+    across restarts of the process.
+
+    Why: a resumed attempt (a restarted Ray worker group, a resubmitted job) rewinds to its
+    checkpoint and trains the epochs after it again, offering their metrics a second time.
+    MLflow cannot delete a metric point, so a step logged twice would stay in the history for
+    good (train_loss at steps 0, 1, 2, 2, 3). The first time a key is logged, its stored steps
+    are read once (only for keys the run already holds: a fresh run costs one request), and a
+    step the run holds is skipped. That is right because a resumed epoch is the same epoch:
+    training from a checkpoint is deterministic, so the stored point is the value it would log.
+    """
+
+    def __init__(self, run_id: str) -> None:
+        self.run_id = run_id
+        self._client = MlflowClient()
+        self._held: set[str] | None = None  # keys the run held when first asked
+        self._steps: dict[str, set[int]] = {}  # key -> steps the run holds
+
+    def _stored_steps(self, key: str) -> set[int]:
+        if self._held is None:
+            self._held = set(self._client.get_run(self.run_id).data.metrics)
+        if key not in self._steps:
+            history = self._client.get_metric_history(self.run_id, key) \
+                if key in self._held else []
+            self._steps[key] = {m.step for m in history}
+        return self._steps[key]
+
+    def log(self, step: int, metrics: Mapping[str, float],
+            timestamp_ms: int | None = None) -> list[str]:  # fmt: skip
+        """Log `metrics` at `step` in one request; returns the keys logged (the others the run
+        already holds at this step). Sending the same call again (same `timestamp_ms`) after
+        an error is harmless: the server drops a point equal to one it stored."""
+        now = int(time.time() * 1000) if timestamp_ms is None else int(timestamp_ms)
+        entries = [Metric(key, float(value), now, int(step)) for key, value in metrics.items()
+                   if int(step) not in self._stored_steps(key)]
+        for start in range(0, len(entries), _METRIC_BATCH_LIMIT):
+            self._client.log_batch(self.run_id,
+                                   metrics=entries[start : start + _METRIC_BATCH_LIMIT])
+        for entry in entries:
+            self._steps[entry.key].add(entry.step)
+        return [entry.key for entry in entries]
+
+
+class BackgroundLog:
+    """Metrics and figures of one run sent by a background thread, so that a tracking server
+    outage never blocks or kills the training that logs them.
+
+    Why: MLflow's client retries a request for a while and then raises; a training loop that
+    logs synchronously stalls for every retry and dies with the last one, though nothing is
+    wrong with the training. Here `log_metrics` and `log_figure` only queue (a figure as PNG
+    bytes, the latest per name); the thread sends in order, and after a failure keeps
+    everything and tries again with exponential backoff (`retry_s`: first and longest wait)
+    until the server is back. Each point keeps the timestamp it was logged with, so a request
+    that reached the server although its client gave up is not stored twice when resent;
+    `RunMetrics` underneath skips steps a resumed run already holds. `close` waits (bounded)
+    for the queue to drain. Points still queued when the process dies are lost unless the
+    caller kept `unsent()` (a checkpoint does) and hands them to the next one as `queued`.
+    """
+
+    def __init__(self, run_id: str, retry_s: tuple[float, float] = (1.0, 30.0),
+                 queued: Iterable[tuple[int, Mapping[str, float], int]] = ()) -> None:
+        self.run_id = run_id
+        self.failures = 0  # failed sends since the last success (read by tests and callers)
+        self._retry_s = retry_s
+        self._metrics = RunMetrics(run_id)
+        self._points: deque[tuple[int, dict[str, float], int]] = deque(
+            (int(step), dict(values), int(ts)) for step, values, ts in queued)
+        self._figures: dict[str, bytes] = {}
+        self._busy = False
+        self._closed = False
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._send_forever, daemon=True,
+                                        name=f"mlflow-log-{run_id[:8]}")  # fmt: skip
+        self._thread.start()
+
+    def log_metrics(self, step: int, metrics: Mapping[str, float]) -> None:
+        point = (int(step), {k: float(v) for k, v in metrics.items()}, int(time.time() * 1000))
+        with self._cond:
+            self._points.append(point)
+            self._cond.notify_all()
+
+    def log_figure(self, fig: Figure, name: str) -> None:
+        """Queue `fig` as plots/<name>.png (rendered now: a figure is not for another thread)."""
+        if not Path(name).suffix:
+            name = f"{name}.png"
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format=Path(name).suffix[1:])
+        with self._cond:
+            self._figures[name] = buffer.getvalue()
+            self._cond.notify_all()
+
+    def pending(self) -> int:
+        """Metric points and figures not yet stored by the server."""
+        with self._cond:
+            return len(self._points) + len(self._figures)
+
+    def unsent(self) -> list[tuple[int, dict[str, float], int]]:
+        """The metric points not yet stored, as (step, metrics, timestamp ms), in order."""
+        with self._cond:
+            return [(step, dict(values), ts) for step, values, ts in self._points]
+
+    def flush(self, timeout_s: float) -> bool:
+        """Wait up to `timeout_s` for everything queued to be stored; True if it was."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while self._points or self._figures or self._busy:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+        return True
+
+    def close(self, timeout_s: float = 300.0) -> bool:
+        """Flush (up to `timeout_s`), then stop the thread; False (with a warning) if points
+        were left undelivered."""
+        delivered = self.flush(timeout_s)
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if not delivered:
+            _log.warning("MLflow run %s: %d metric point(s)/figure(s) not delivered after %.0f s "
+                         "(tracking server unavailable)", self.run_id, self.pending(), timeout_s)
+        return delivered
+
+    def _send_forever(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._points or self._figures or self._closed):
+                    self._cond.wait()
+                if self._closed:
+                    return
+                self._busy = True
+            try:
+                self._send_queued()
+                self.failures = 0
+            except Exception as err:  # noqa: BLE001 - an outage: keep everything, retry later
+                self.failures += 1
+                delay = min(self._retry_s[1], self._retry_s[0] * 2 ** (self.failures - 1))
+                _log.warning("MLflow run %s: logging failed (%s: %s); %d queued, retrying in "
+                             "%.0f s", self.run_id, type(err).__name__, str(err)[:200],
+                             self.pending(), delay)  # fmt: skip
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+                    self._cond.wait_for(lambda: self._closed, timeout=delay)
+                continue
+            with self._cond:
+                self._busy = False
+                self._cond.notify_all()
+
+    def _send_queued(self) -> None:
+        """Send the queue in order; an item leaves it only once the server has stored it."""
+        client = MlflowClient()
+        while True:
+            with self._cond:
+                if not self._points:
+                    break
+                step, values, timestamp = self._points[0]
+            self._metrics.log(step, values, timestamp)
+            with self._cond:
+                self._points.popleft()
+        with self._cond:
+            figures = dict(self._figures)
+        for name, png in figures.items():
+            with tempfile.TemporaryDirectory(prefix="vl-fig-") as tmp:
+                path = Path(tmp) / name
+                path.write_bytes(png)
+                client.log_artifact(self.run_id, str(path), "plots")
+            with self._cond:
+                if self._figures.get(name) is png:  # not replaced by a newer one meanwhile
+                    del self._figures[name]
 
 
 def log_dataset(run_id: str, name: str, digest: str, uri: str, context: str,
