@@ -68,7 +68,10 @@ def _anonymous(method: str, url: str, body: bytes | None = None) -> tuple[int | 
         with urllib.request.urlopen(request, timeout=5) as response:
             return response.status, response.read()
     except urllib.error.HTTPError as err:
-        return err.code, err.read()
+        try:  # a refusing server may reset the connection while the error body is read
+            return err.code, err.read()
+        except (ConnectionError, TimeoutError):
+            return err.code, b""
     except (urllib.error.URLError, ConnectionError, TimeoutError) as err:
         return type(err).__name__, b""
 
