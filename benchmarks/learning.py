@@ -71,6 +71,12 @@ VARIANTS: dict[str, list[str]] = {
     "fra_residual": ["model.fra_output=residual"],
     "plain_fra": ["model.fra_output=plain"],
     "padded_gru": ["model.mr2hd_gru_input=padded"],
+    "fra_word_bias": ["model.fra_word_term=bias"],
+    "bicmf_reference_positions": ["model.bicmf_positions=reference"],
+    "reference_bicmf_positions": ["model.bicmf_self_attention=false",
+                                  "model.bicmf_ffn_residual=false", "model.bicmf_carry_text=false",
+                                  "model.bicmf_positions=reference"],
+    "reference_attention_init": ["model.attention_init=reference"],
     "no_tc_loss": ["loss.tcl_coef=0"],
     # the reference's Bi-CMF layer shape, one difference at a time and all together
     "bicmf_no_self_attention": ["model.bicmf_self_attention=false"],

@@ -272,3 +272,59 @@ def test_mr2hd_padded_gru_reads_zeros_after_the_slice():
         s_whole = {h: m(video, memory, mask, logits, whole) for h, m in heads.items()}
     assert not torch.allclose(s_part["slice"], s_part["padded"], atol=1e-4)
     torch.testing.assert_close(s_whole["slice"], s_whole["padded"], atol=1e-5, rtol=1e-5)
+
+
+def test_fra_word_term_bias_is_the_same_vector_for_every_clip():
+    """`fra_word_term: bias` (the reference's collapsed V_Q): the clip-word block of FRA's
+    fusion input does not depend on the clip, the words or the query."""
+    from vl.model.fra import FeatureRefinementAlignment
+
+    torch.manual_seed(0)
+    B, Lv, Lq, d = 2, 9, 5, 16
+    fra = FeatureRefinementAlignment(d, 0.0, "plain", "bias").eval()
+    torch.nn.init.normal_(fra.word_bias)
+    seen = []
+    fra.fuse.register_forward_hook(lambda m, args, out: seen.append(args[0][..., d:2 * d]))
+    mask_v, mask_t = torch.ones(B, Lv, dtype=torch.bool), torch.ones(B, Lq, dtype=torch.bool)
+    with torch.no_grad():
+        fra(torch.randn(B, Lv, d), torch.randn(B, Lq, d), mask_v, mask_t)
+    v_q = seen[0]  # (B, Lv, d)
+    torch.testing.assert_close(v_q, fra.word_bias.expand(B, Lv, d))
+    attention = FeatureRefinementAlignment(d, 0.0, "plain", "attention").eval()
+    attention.fuse.register_forward_hook(lambda m, args, out: seen.append(args[0][..., d:2 * d]))
+    with torch.no_grad():
+        attention(torch.randn(B, Lv, d), torch.randn(B, Lq, d), mask_v, mask_t)
+    assert _across_clips(seen[1]) > 1e-3  # per clip
+
+
+def test_reference_attention_init_matches_multihead_attention_scale():
+    cfg = {how: tiny_config(f"model.attention_init={how}") for how in ("xavier", "reference")}
+    torch.manual_seed(0)
+    models = {how: build_model(c.model) for how, c in cfg.items()}
+    d = cfg["xavier"].model.hidden_dim
+    for how, model in models.items():
+        attn = model.bicmf.layers[0].video_to_text
+        bound = math.sqrt(6 / (4 * d)) if how == "reference" else math.sqrt(6 / (2 * d))
+        w = attn.q_proj.weight.abs().max().item()
+        assert 0.9 * bound < w <= bound, (how, w, bound)
+        zero_bias = all(float(p.bias.abs().max()) == 0.0
+                        for p in (attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj))
+        assert zero_bias == (how == "reference")
+
+
+def test_bicmf_reference_positions_keep_clip_positions_out_of_the_values():
+    """With every clip alike, the words' update reads no clip position under `reference`
+    (positions steer the attention weights only); under `all` the sine positions are values."""
+    torch.manual_seed(0)
+    B, Lv, Lq, d = 2, 10, 6, 32
+    video = torch.randn(B, 1, d).expand(B, Lv, d)
+    text = torch.randn(B, Lq, d)
+    vmask = additive_mask(torch.ones(B, Lv, dtype=torch.bool), video.dtype)
+    tmask = additive_mask(torch.ones(B, Lq, dtype=torch.bool), video.dtype)
+    pos_a, pos_b = torch.randn(B, Lv, d), torch.randn(B, Lv, d)
+    for positions, independent in (("reference", True), ("all", False)):
+        layer = _bicmf_layer(positions=positions)
+        with torch.no_grad():
+            _, words_a = layer(video, text, vmask, tmask, pos_a, torch.zeros_like(text))
+            _, words_b = layer(video, text, vmask, tmask, pos_b, torch.zeros_like(text))
+        assert torch.allclose(words_a, words_b, atol=1e-5) == independent, positions

@@ -37,6 +37,9 @@ ALIGN_VIDEO = ("projection", "fra")
 BICMF_NORMS = ("post", "branch")
 FRA_OUTPUTS = ("norm", "plain", "residual")
 MR2HD_GRU_INPUTS = ("slice", "padded")
+FRA_WORD_TERMS = ("attention", "bias")
+ATTENTION_INITS = ("xavier", "reference")
+BICMF_POSITIONS = ("all", "reference")
 DECODER_MEMORY = ("clips", "global_and_clips")
 LABEL_REDUCTIONS = ("mean", "weight_sum")
 
@@ -74,6 +77,10 @@ class ModelConfig:
     # FRA's output: "norm" = LayerNorm(FRA(V)) (default: the clips reach Bi-CMF at the scale of
     # its attention branches); "plain" = the paper's formula as is; "residual" = V + FRA(V).
     fra_output: str = "norm"
+    # FRA's clip-word term V_Q: "attention" = each clip attends over the valid words; "bias" =
+    # what the reference computes (a softmax over words times a vector equal for every word:
+    # one learned vector for every clip, docs/FIDELITY.md, 11).
+    fra_word_term: str = "attention"
     negative_pass: bool = True  # mismatched-query pass for the negative saliency
     # The mismatched pass refines the clips with its own (rolled) query; False reuses the FRA
     # output of the matching query, whose clips then carry the true query (docs/FIDELITY.md, 5).
@@ -94,6 +101,13 @@ class ModelConfig:
     bicmf_self_attention: bool = True
     bicmf_ffn_residual: bool = True
     bicmf_carry_text: bool = True
+    # Where Bi-CMF adds positions: "all" (queries, keys and values) or "reference" (the first
+    # two stages' queries and keys only, as the authors' layer; see BiCMFLayer).
+    bicmf_positions: str = "all"
+    # Attention weights at init: "xavier" = Xavier per q/k/v/out matrix, default biases;
+    # "reference" = q/k/v Xavier as one 3d x d matrix (nn.MultiheadAttention's in_proj, so
+    # 1/sqrt(2) smaller) and zero attention biases, as the authors' code (FIDELITY.md, 11).
+    attention_init: str = "xavier"
 
     @property
     def video_input_dim(self) -> int:
@@ -317,6 +331,9 @@ class ExperimentConfig:
                    "model.bicmf_norm": (m.bicmf_norm, BICMF_NORMS),
                    "model.fra_output": (m.fra_output, FRA_OUTPUTS),
                    "model.mr2hd_gru_input": (m.mr2hd_gru_input, MR2HD_GRU_INPUTS),
+                   "model.fra_word_term": (m.fra_word_term, FRA_WORD_TERMS),
+                   "model.attention_init": (m.attention_init, ATTENTION_INITS),
+                   "model.bicmf_positions": (m.bicmf_positions, BICMF_POSITIONS),
                    "model.decoder_memory": (m.decoder_memory, DECODER_MEMORY),
                    "loss.label_reduction": (lo.label_reduction, LABEL_REDUCTIONS)}
         for key, (value, allowed) in choices.items():

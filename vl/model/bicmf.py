@@ -28,6 +28,11 @@ class BiCMFLayer(nn.Module):
     hands every layer the words as they entered Bi-CMF (the reference keeps its text stream
     unchanged) and leaves the layer's own word update O2 unnormalised, as the reference does.
 
+    Positions (`positions`): "all" adds them to the queries, keys *and values* of the first two
+    stages and to the fusion stage's query and key; "reference" (the authors' layer) adds them
+    to the first two stages' queries and keys only, so the words gather clip content without
+    the clips' sine positions and the fusion stage matches on content alone.
+
     Norm placement (`norm="post"`, the default): the residual sum is normalised, as in the
     reference and every post-norm transformer. Algorithm 2 as printed normalises the attention
     branch before adding it (`norm="branch"`): its unit-variance output then swamps the FRA
@@ -39,10 +44,11 @@ class BiCMFLayer(nn.Module):
     def __init__(
         self, dim: int, nheads: int, ffn_dim: int, dropout: float, attn_dropout: float,
         norm: str = "post", self_attention: bool = True, ffn_residual: bool = True,
-        carry_text: bool = True,
+        carry_text: bool = True, positions: str = "all",
     ) -> None:
         super().__init__()
         self.post_norm = norm == "post"
+        self.values_with_pos = positions == "all"
         self.ffn_residual = ffn_residual
         self.carry_text = carry_text
         self.video_to_text = Attention(dim, nheads, attn_dropout)
@@ -70,17 +76,19 @@ class BiCMFLayer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """video (B, Lv, d), text (B, Lq, d) -> (video, text), same shapes."""
         v_in, t_in = video + video_pos, text + text_pos
-        a_v = self.linear_v(self.dropout(self.video_to_text(v_in, t_in, t_in, text_mask)))
-        a_t = self.linear_t(self.dropout(self.text_to_video(t_in, v_in, v_in, video_mask)))
+        # values: "all" = with their positions; "reference" = the bare features (the clip
+        # positions then reach the words only through the attention weights)
+        v_val, t_val = (v_in, t_in) if self.values_with_pos else (video, text)
+        a_v = self.linear_v(self.dropout(self.video_to_text(v_in, t_in, t_val, text_mask)))
+        a_t = self.linear_t(self.dropout(self.text_to_video(t_in, v_in, v_val, video_mask)))
         if self.post_norm:
             o1 = self.norm_v(video + self.dropout(a_v))
             o2 = text + self.dropout(a_t)
             o2 = self.norm_t(o2) if self.carry_text else o2
         else:  # Algorithm 2 as printed: the branch is normalised, the sum is not
             o1, o2 = video + self.norm_v(a_v), text + self.norm_t(a_t)
-        o3 = self.norm_fuse(
-            o1 + self.dropout(self.fusion(o1 + video_pos, o2 + text_pos, o2, text_mask))
-        )
+        q, k = (o1 + video_pos, o2 + text_pos) if self.values_with_pos else (o1, o2)
+        o3 = self.norm_fuse(o1 + self.dropout(self.fusion(q, k, o2, text_mask)))
         f = o3
         if self.self_attn is not None:
             q = o3 + video_pos
@@ -96,12 +104,12 @@ class BiCMF(nn.Module):
     def __init__(
         self, num_layers: int, dim: int, nheads: int, ffn_dim: int, dropout: float,
         attn_dropout: float, norm: str = "post", self_attention: bool = True,
-        ffn_residual: bool = True, carry_text: bool = True,
+        ffn_residual: bool = True, carry_text: bool = True, positions: str = "all",
     ) -> None:
         super().__init__()
         self.layers = nn.ModuleList(
             BiCMFLayer(dim, nheads, ffn_dim, dropout, attn_dropout, norm, self_attention,
-                       ffn_residual, carry_text)
+                       ffn_residual, carry_text, positions)
             for _ in range(num_layers)
         )
 

@@ -21,9 +21,13 @@ class FeatureRefinementAlignment(nn.Module):
     and S_v (the pooled sentence broadcast to every clip) carry the global alignment.
     """
 
-    def __init__(self, dim: int, dropout: float, output: str = "plain") -> None:
+    def __init__(
+        self, dim: int, dropout: float, output: str = "plain", word_term: str = "attention"
+    ) -> None:
         super().__init__()
         self.output = output
+        # word_term="bias": the reference's collapsed V_Q, one learned vector for every clip
+        self.word_bias = nn.Parameter(torch.zeros(dim)) if word_term == "bias" else None
         self.pool_weight = nn.Linear(dim, 1, bias=False)  # attention pooling of the words
         self.sim_expand = nn.Parameter(torch.empty(dim))  # cosine scalar -> d
         self.fuse = nn.Linear(4 * dim, dim)  # Conv1d(4d -> d, kernel 1)
@@ -47,10 +51,13 @@ class FeatureRefinementAlignment(nn.Module):
         """video (B, Lv, d), text (B, Lq, d), masks bool -> refined video (B, Lv, d)."""
         d = video.shape[-1]
         # Local alignment: every clip attends over the valid words of its query.
-        v_q = F.scaled_dot_product_attention(
-            video[:, None], text[:, None], text[:, None],
-            attn_mask=additive_mask(text_mask, video.dtype),
-        )[:, 0]  # (B, Lv, d), scaled by 1/sqrt(d)
+        if self.word_bias is None:
+            v_q = F.scaled_dot_product_attention(
+                video[:, None], text[:, None], text[:, None],
+                attn_mask=additive_mask(text_mask, video.dtype),
+            )[:, 0]  # (B, Lv, d), scaled by 1/sqrt(d)
+        else:
+            v_q = self.dropout(self.word_bias.to(video.dtype)).expand_as(video)  # (B, Lv, d)
         s = self.sentence(text, text_mask)  # (B, d)
         v_s = F.cosine_similarity(video, s[:, None, :], dim=-1, eps=1e-6)  # (B, Lv)
         v_s = v_s[..., None] * self.sim_expand  # (B, Lv, d)

@@ -12,7 +12,7 @@ from torch import nn
 from vl.config import ModelConfig
 from vl.model.bicmf import BiCMF
 from vl.model.fra import FeatureRefinementAlignment
-from vl.model.layers import MLP, additive_mask, sine_positions
+from vl.model.layers import MLP, Attention, additive_mask, sine_positions
 from vl.model.mr2hd import MomentToHighlight
 from vl.model.projection import InputProjection
 from vl.model.transformer import AnchorDecoder, Encoder
@@ -58,13 +58,17 @@ class VideoLights(nn.Module):
         self.text_proj = InputProjection(
             cfg.text_dim, d, cfg.n_input_proj, cfg.input_dropout, cfg.proj_kernel_size
         )
-        self.fra = FeatureRefinementAlignment(d, cfg.dropout, cfg.fra_output) if cfg.fra else None
+        self.fra = (
+            FeatureRefinementAlignment(d, cfg.dropout, cfg.fra_output, cfg.fra_word_term)
+            if cfg.fra else None
+        )
         self.text_pos = nn.Embedding(cfg.max_q_l, d)
         nn.init.normal_(self.text_pos.weight, std=cfg.text_pos_std)
         ffn, drop, adrop = cfg.dim_feedforward, cfg.dropout, cfg.attention_dropout
         self.bicmf = BiCMF(
             cfg.bicmf_layers, d, cfg.nheads, ffn, drop, adrop, cfg.bicmf_norm,
             cfg.bicmf_self_attention, cfg.bicmf_ffn_residual, cfg.bicmf_carry_text,
+            cfg.bicmf_positions,
         )
         self.global_token = nn.Parameter(torch.randn(d) * cfg.global_token_std)
         self.global_pos = nn.Parameter(torch.randn(d) * cfg.global_token_std)
@@ -88,6 +92,14 @@ class VideoLights(nn.Module):
             for name, p in module.named_parameters():
                 if p.dim() > 1 and "bbox_embed.layers.2" not in name:
                     nn.init.xavier_uniform_(p)
+        if self.cfg.attention_init == "reference":  # nn.MultiheadAttention's in_proj scale
+            for module in (self.bicmf, self.encoder):
+                for attn in (m for m in module.modules() if isinstance(m, Attention)):
+                    bound = math.sqrt(6 / (4 * attn.dim))  # Xavier of one 3d x d matrix
+                    for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
+                        nn.init.uniform_(proj.weight, -bound, bound)
+                    for proj in (attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj):
+                        nn.init.zeros_(proj.bias)
         nn.init.uniform_(self.anchors.weight, -2.0, 2.0)
 
     def forward(
