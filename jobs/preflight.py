@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+import ray
+
 from vl.config import ConfigError, ExperimentConfig
 from vl.data.shards import ShardManifest, read_manifest
 from vl.storage import S3Retry, StorageConfigError, filesystem, is_remote
@@ -169,16 +171,40 @@ def use_driver_address(address: str | None) -> None:
         os.environ.pop("RAY_ADDRESS", None)
 
 
-def check_capacity(num_workers: int, cpus_per_worker: float, node_cpus: list[float]) -> None:
-    """The cluster can place `num_workers` workers of `cpus_per_worker` CPUs each (each on one
-    node): otherwise Ray would wait for resources forever, so the job fails now."""
-    fits = sum(int(cpus // cpus_per_worker) for cpus in node_cpus)
-    if fits < num_workers:
-        raise PreflightError(
-            f"the Ray cluster is too small for scale.num_workers={num_workers} x "
-            f"scale.cpus_per_worker={cpus_per_worker:g}: its {len(node_cpus)} node(s) have "
-            f"{', '.join(f'{c:g}' for c in node_cpus) or 'no'} CPUs ({fits} worker(s) fit); "
-            "lower scale.num_workers / scale.cpus_per_worker or add nodes")
+def check_capacity(num_workers: int, cpus_per_worker: float, node_cpus: list[float], *,
+                   gpus_per_worker: float = 0.0, node_gpus: list[float] | None = None,
+                   knobs: dict[str, float] | None = None) -> None:
+    """The cluster can place `num_workers` workers of `cpus_per_worker` CPUs (and
+    `gpus_per_worker` GPUs) each, each on one node: otherwise Ray would wait for resources
+    forever, so the job fails now. `knobs` names the settings the message blames and tells the
+    user to lower (default: jobs.train's scale.* keys)."""
+    fits_per_node = [int(cpus // cpus_per_worker) for cpus in node_cpus]
+    if gpus_per_worker > 0:
+        gpus = node_gpus or [0.0] * len(node_cpus)
+        fits_per_node = [min(n, int(g // gpus_per_worker))
+                         for n, g in zip(fits_per_node, gpus, strict=True)]
+    fits = sum(fits_per_node)
+    if fits >= num_workers:
+        return
+    if knobs is None:
+        knobs = {"scale.num_workers": num_workers, "scale.cpus_per_worker": cpus_per_worker}
+    have = f"{', '.join(f'{c:g}' for c in node_cpus) or 'no'} CPUs"
+    if gpus_per_worker > 0:
+        have += f" and {', '.join(f'{g:g}' for g in node_gpus or []) or 'no'} GPUs"
+    raise PreflightError(
+        f"the Ray cluster is too small for {' x '.join(f'{k}={v:g}' for k, v in knobs.items())}: "
+        f"its {len(node_cpus)} node(s) have {have} ({fits} of {num_workers} fit); lower "
+        f"{' / '.join(knobs)} or add nodes")
+
+
+def check_cluster_capacity(num_workers: int, cpus_per_worker: float,
+                           gpus_per_worker: float = 0.0,
+                           knobs: dict[str, float] | None = None) -> None:
+    """`check_capacity` against the alive nodes of the Ray cluster this process joined."""
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    check_capacity(num_workers, cpus_per_worker, [float(r.get("CPU", 0)) for r in nodes],
+                   gpus_per_worker=gpus_per_worker,
+                   node_gpus=[float(r.get("GPU", 0)) for r in nodes], knobs=knobs)
 
 
 def config_error(err: ConfigError) -> PreflightError:

@@ -10,6 +10,8 @@ edges of a plain PyTorch loop (docs/ARCHITECTURE.md).
 Fault tolerance: a dead worker makes Ray restart the group (`scale.max_failures`), which resumes
 from the latest checkpoint; resubmitting a killed job with the same `--name` and `--storage` does
 the same. The MLflow run is found again by its `vl.run_name` tag, so a resume never adds a run.
+A deterministic error (a NaN loss, a corrupt shard) is not retried: the job exits 1 with one
+line naming it (for a NaN loss, the batch's qids) and its MLflow run is FAILED.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from jobs.preflight import (
     EXIT_BAD_INPUT,
     PreflightError,
-    check_capacity,
+    check_cluster_capacity,
     check_data,
     check_storage,
     check_tracking,
@@ -70,7 +72,7 @@ from vl.checkpoint import (
 )
 from vl.config import ConfigError, ExperimentConfig
 from vl.data.dataset import make_loader, read_annotations
-from vl.data.shards import ShardManifest, read_manifest
+from vl.data.shards import ShardCorruptError, ShardManifest, read_manifest
 from vl.engine import build_optimizer, evaluate, train_one_epoch, unwrap
 from vl.losses import build_criterion
 from vl.model import build_model
@@ -79,6 +81,7 @@ from vl.storage import (
     exists,
     join_uri,
     read_bytes,
+    remove,
     wait_for_storage,
     write_bytes,
 )
@@ -108,7 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
             "the run started with: a difference exits with code 2 naming the keys (see "
             "--allow-config-change); resubmitting a finished run is a no-op. Bad input "
             "(missing shards, a config typo, an unreachable MLflow server or storage bucket) "
-            "exits with code 2 before any worker starts."
+            "exits with code 2 before any worker starts. A deterministic error in training "
+            "(a NaN loss, a corrupt shard) is not retried: the job exits with code 1 naming "
+            "it (a NaN loss names the batch's qids); fix the data or config and resubmit with "
+            "the same --name to retry from the last checkpoint."
         ),
     )
     parser.add_argument("--config", required=True, type=Path,
@@ -324,6 +330,79 @@ def finite(metrics: dict[str, float]) -> dict[str, float]:
     return {k: v for k, v in metrics.items() if isinstance(v, int | float) and math.isfinite(v)}
 
 
+# ---- deterministic failures: stop, do not retry ---------------------------------------------
+FATAL_RECORD = "fatal.json"  # under the run's storage: the error that ended the training
+EXIT_FAILED = 1
+# Errors a restarted worker group would only meet again: a NaN/inf loss (vl.engine names the
+# batch's qids) and a shard whose bytes do not match or decode.
+DETERMINISTIC_ERRORS: tuple[type[BaseException], ...] = (FloatingPointError, ShardCorruptError)
+
+
+class DeterministicFailureError(RuntimeError):
+    """The training stopped on a deterministic error; the message is the one line the user
+    sees (the job exits 1, its MLflow run FAILED)."""
+
+
+def one_line(err: BaseException) -> str:
+    """The error as one line. An error re-raised from a DataLoader worker carries the worker's
+    whole traceback in its message; its last line is the error itself."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if len(lines) > 1:
+        return lines[-1]
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"
+
+
+def write_fatal_record(run_uri: str, rank: int, err: BaseException) -> None:
+    record = {"rank": rank, "error": type(err).__name__, "message": one_line(err),
+              "time": time.time()}
+    write_bytes(join_uri(run_uri, FATAL_RECORD), json.dumps(record, indent=1).encode())
+
+
+def read_fatal_record(run_uri: str) -> dict[str, Any] | None:
+    uri = join_uri(run_uri, FATAL_RECORD)
+    return json.loads(read_bytes(uri)) if exists(uri) else None
+
+
+def take_previous_failure(run_uri: str) -> dict[str, Any] | None:
+    """A record left by an earlier submission of this run, removed: a resubmission is the
+    user's deliberate retry (after fixing the data, the config or the code), so only the
+    automatic restarts within one job are stopped by it."""
+    record = read_fatal_record(run_uri)
+    if record is not None:
+        remove(join_uri(run_uri, FATAL_RECORD))
+    return record
+
+
+def fit(trainer: TorchTrainer, run_id: str, run_uri: str):
+    """`trainer.fit()`, with a deterministic failure recorded by a worker raised as
+    DeterministicFailureError (tagged on the MLflow run as `vl.failure`).
+
+    Ray Train retries every worker error up to `scale.max_failures` times and has no filter
+    by exception, so the failing rank writes FATAL_RECORD before it raises and the restarted
+    group returns at once when it finds it: one restart, no training. The record is looked
+    for whether Ray gave up (max_failures 0) or the restarted group returned."""
+    try:
+        result = trainer.fit()
+    except Exception:
+        raise_recorded_failure(run_id, run_uri)
+        raise
+    raise_recorded_failure(run_id, run_uri)
+    if result.error is not None:
+        raise result.error
+    return result
+
+
+def raise_recorded_failure(run_id: str, run_uri: str) -> None:
+    record = read_fatal_record(run_uri)
+    if record is None:
+        return
+    message = (f"training stopped on a deterministic error, not retried (rank "
+               f"{record['rank']}): {record['message']}. Fix the data or the config and "
+               f"submit again with the same --name to resume from the last checkpoint")
+    MlflowClient().set_tag(run_id, "vl.failure", message[:5000])
+    raise DeterministicFailureError(message) from None
+
+
 # ---- the worker loop -------------------------------------------------------------------------
 def fault_marker(run_uri: str, step: int) -> str:
     return f"{run_uri}/fault_injected_at_step_{step}"
@@ -415,21 +494,39 @@ def make_loaders(cfg: ExperimentConfig, rank: int, world: int, is_chief: bool):
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """One Ray Train worker: data for its rank, DDP model, vl.engine epochs, report per epoch."""
-    cfg = ExperimentConfig.from_dict(loop_config["config"], source="train_loop_config")
-    t = cfg.train
+    """One Ray Train worker: data for its rank, DDP model, vl.engine epochs, report per epoch.
+
+    A deterministic error is recorded in the run's storage before it is raised, and a
+    restarted group that finds the record returns without training (see `fit`)."""
     run_uri: str = loop_config["run_uri"]
     quiet_ray_train_reports()
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(max(1, int(cfg.scale.cpus_per_worker)))
-    device = ray.train.torch.get_device()
-    is_chief = rank == 0
+    rank = ray.train.get_context().get_world_rank()
     # A restarted group (after an outage, often) waits for storage before restoring from it:
     # an outage is waited out (bounded, VL_S3_RETRY_TOTAL_S) instead of costing a failure.
     waited = wait_for_storage(run_uri)
-    if is_chief and waited > 1:
+    if rank == 0 and waited > 1:
         say(f"storage {run_uri} answered after {waited:.0f} s")
+    if read_fatal_record(run_uri) is not None:
+        if rank == 0:
+            say(f"a deterministic error ended the last attempt ({run_uri}/{FATAL_RECORD}): "
+                "not training again")
+        return
+    try:
+        train_worker(loop_config, rank)
+    except DETERMINISTIC_ERRORS as err:
+        write_fatal_record(run_uri, rank, err)
+        raise
+
+
+def train_worker(loop_config: dict[str, Any], rank: int) -> None:
+    """The training of one rank: restore, then epochs until `train.epochs`."""
+    cfg = ExperimentConfig.from_dict(loop_config["config"], source="train_loop_config")
+    t = cfg.train
+    run_uri: str = loop_config["run_uri"]
+    world = ray.train.get_context().get_world_size()
+    torch.set_num_threads(max(1, int(cfg.scale.cpus_per_worker)))
+    device = ray.train.torch.get_device()
+    is_chief = rank == 0
     state = restore_or_init(cfg, device, loop_config.get("init_from"), is_chief)
     train_loader, val_loader, ground_truth = make_loaders(cfg, rank, world, is_chief)
     chief = ChiefEvaluation(cfg, loop_config["run_id"], loop_config["selection_metric"],
@@ -703,10 +800,9 @@ def connect(plan: JobPlan) -> bool:
         use_driver_address(plan.ray_address)
         ray.init(address=plan.ray_address, log_to_driver=True)
     scale = plan.cfg.scale
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    check_capacity(scale.num_workers, scale.cpus_per_worker,
-                   [float(n["Resources"].get("CPU", 0)) for n in nodes])
     use_gpu = scale.use_gpu and cluster_has_gpus()
+    check_cluster_capacity(scale.num_workers, scale.cpus_per_worker,
+                           gpus_per_worker=1.0 if use_gpu else 0.0)  # Ray's 1 GPU per worker
     if scale.use_gpu and not use_gpu:
         print("note: the config asks for GPU workers but the cluster has no GPU; "
               "training on CPU (gloo)", flush=True)
@@ -729,6 +825,10 @@ def run(plan: JobPlan) -> dict[str, Any]:
                                ", ".join(plan.changed))
     MlflowClient().set_tag(run_id, "vl.checkpoints", plan.run_uri)
     log_training_data(run_id, plan.cfg)
+    previous = take_previous_failure(plan.run_uri)
+    if previous is not None:
+        plan.notes.append(f"the last submission of {plan.name} stopped on: "
+                          f"{previous['message']}; trying again")
     for note in plan.notes:
         print(f"note: {note}", flush=True)
     print(f"run {plan.name}: MLflow run {run_id} (experiment {plan.experiment!r}), "
@@ -736,9 +836,7 @@ def run(plan: JobPlan) -> dict[str, Any]:
           f"samples, {plan.cfg.scale.num_workers} workers", flush=True)
     with closes_run(run_id):
         with tracking.system_metrics(run_id):
-            result = build_trainer(plan, run_id, use_gpu).fit()
-        if result.error is not None:
-            raise result.error
+            result = fit(build_trainer(plan, run_id, use_gpu), run_id, plan.run_uri)
         summary = finalize(plan, run_id, result)
     tracking.finish_run(run_id, "FINISHED")
     write_run_record(plan, finished=summary)
@@ -788,6 +886,9 @@ def main(argv: list[str] | None = None) -> int:
     except PreflightError as err:
         print(f"jobs.train: {err}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
+    except DeterministicFailureError as err:
+        print(f"jobs.train: {err}", file=sys.stderr, flush=True)
+        return EXIT_FAILED
     print("RESULT " + json.dumps(summary, sort_keys=True, default=str), flush=True)
     return 0
 

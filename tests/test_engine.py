@@ -13,7 +13,14 @@ import torch.distributed as dist
 
 from cluster.local.common import free_port
 from tests.helpers import tiny_batch, tiny_config
-from vl.engine import build_optimizer, evaluate, predict_rows, train_one_epoch, train_step
+from vl.engine import (
+    NonFiniteLossError,
+    build_optimizer,
+    evaluate,
+    predict_rows,
+    train_one_epoch,
+    train_step,
+)
 from vl.losses import build_criterion
 from vl.model import build_model
 
@@ -38,14 +45,38 @@ def test_train_one_epoch_updates_weights_and_reports_means():
     assert changed > len(before) * 0.9
 
 
-def test_non_finite_loss_is_reported_with_terms():
+@pytest.mark.parametrize("has_spans,field", [(True, "text"), (False, "video")])
+def test_non_finite_loss_names_the_batch_qids_and_the_bad_sample(has_spans, field):
+    """With spans the matcher meets the NaN first, without them (TVSum) the loss does: either
+    way the error names every qid of the batch, the sample whose features are NaN, and no
+    optimizer step is taken."""
     cfg = tiny_config()
     model = build_model(cfg.model)
-    batch = tiny_batch(cfg)
-    batch.video[0, 0, 0] = float("nan")
+    batch = tiny_batch(cfg, has_spans=has_spans)
+    batch.qids = [101, 102, 103, 104]
+    getattr(batch, field)[2, 0, 0] = float("nan")
     opt, _ = build_optimizer(model, cfg.train)
-    with pytest.raises(FloatingPointError, match="non-finite"):
-        train_step(model, build_criterion(cfg.loss), batch, opt, 0)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(NonFiniteLossError) as caught:
+        train_step(model, build_criterion(cfg.loss), batch, opt, 3)
+    message = str(caught.value)
+    assert isinstance(caught.value, FloatingPointError) and "\n" not in message
+    assert message.startswith("non-finite loss at epoch 3 (")
+    assert "in the batch of qids [101, 102, 103, 104]" in message
+    assert message.endswith("non-finite input features in qid(s) [103]")
+    if not has_spans:
+        assert "loss=nan" in message  # the non-finite terms
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
+def test_non_finite_loss_from_finite_inputs_says_so():
+    cfg = tiny_config()
+    model = build_model(cfg.model)
+    with torch.no_grad():
+        next(model.parameters()).fill_(float("inf"))
+    opt, _ = build_optimizer(model, cfg.train)
+    with pytest.raises(NonFiniteLossError, match=r"qids \[0, 1, 2, 3\]; the inputs are finite"):
+        train_step(model, build_criterion(cfg.loss), tiny_batch(cfg), opt, 0)
 
 
 @pytest.mark.parametrize("dataset", ["qvhighlights", "charades", "tvsum"])

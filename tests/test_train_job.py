@@ -16,11 +16,13 @@ import uuid
 from pathlib import Path
 
 import mlflow.pyfunc
+import numpy as np
 import pytest
 import ray
 import torch
 from mlflow.tracking import MlflowClient
 from ray.job_submission import JobStatus, JobSubmissionClient
+from torch._utils import ExceptionWrapper
 
 from cluster.local.common import free_port, wait_for
 from jobs.predict import main as predict_main
@@ -34,12 +36,15 @@ from jobs.train import (
     main,
     manifest_digest,
     prepare,
+    read_fatal_record,
+    take_previous_failure,
+    write_fatal_record,
     write_run_record,
 )
 from tests.jobs import client_env, submit
 from vl import tracking
 from vl.config import ExperimentConfig
-from vl.data.shards import read_manifest
+from vl.data.shards import ShardCorruptError, read_manifest
 from vl.data.synthetic import SyntheticConfig, generate
 from vl.model import build_model
 
@@ -269,6 +274,82 @@ def test_killed_worker_is_replaced_and_training_resumes(shards, stack_env, mlflo
     _assert_each_step_logged_once(run_id)
 
 
+@pytest.fixture(scope="module")
+def nan_shards(stack_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory,
+               ) -> tuple[str, int]:
+    """(prefix, qid): a small shard set whose train split holds one query with a NaN in its
+    text features, as a broken feature extractor leaves it (12 train / 4 val queries)."""
+    layout = generate(
+        SyntheticConfig("qvhighlights", videos=8, seed=5, dims=DIMS,
+                        video_sets=("slowfast", "clip"), text_sets=("clip",), val_fraction=0.25),
+        tmp_path_factory.mktemp("synthetic-nan"),
+    )
+    qid = json.loads(layout.train_jsonl.read_text().splitlines()[3])["qid"]
+    feature_file = layout.text_dirs[0] / f"qid{qid}.npz"
+    with np.load(feature_file) as stored:
+        arrays = dict(stored)
+    arrays["last_hidden_state"][1, 0] = np.nan
+    np.savez(feature_file, **arrays)
+    prefix = f"s3://vl-data/test_train_job/nan-{_uid()}"
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in stack_env.items():
+            mp.setenv(key, value)
+        for split, jsonl in (("train", layout.train_jsonl), ("val", layout.val_jsonl)):
+            shard_run(dataset="qvhighlights", annotations=str(jsonl),
+                      video_features=layout.video_arg(), text_features=layout.text_arg(),
+                      out=f"{prefix}/{split}", rows_per_shard=6, ray_mode="off",
+                      log=lambda *_: None)
+    return prefix, qid
+
+
+def test_nan_loss_names_the_qid_and_is_not_retried(nan_shards, stack_env, mlflow_env):
+    """A NaN in one query's features is a deterministic failure: the job exits non-zero with
+    one line naming that qid, Ray starts the worker group at most twice (the restarted group
+    finds the failure record and returns) although scale.max_failures=2 would allow three
+    starts, and the MLflow run is FAILED with the message as its `vl.failure` tag."""
+    prefix, qid = nan_shards
+    name = f"nan-{_uid()}"
+    entry = _entrypoint("--data", prefix, "--storage", "s3://vl-runs/test_train_job",
+                        "--name", name, "--set", "train.epochs=2", "--set",
+                        "scale.max_failures=2", *FAST)
+    # The job's own log, every line kept (Ray folds identical lines of several processes into
+    # one unless told not to), without the tail the CLI repeats after "Status message:".
+    done = submit(stack_env, name, entry, env_vars={"RAY_DEDUP_LOGS": "0"})
+    log = done.stdout.split("Status message:")[0]
+    assert done.returncode != 0, log[-5000:]
+    summary = [line for line in log.splitlines()
+               if line.startswith("jobs.train: training stopped")]
+    assert len(summary) == 1, log[-5000:]
+    assert f"non-finite input features in qid(s) [{qid}]" in summary[0]
+    assert "in the batch of qids [" in summary[0] and "not retried" in summary[0]
+    assert log.count("Started training worker group of size") == 2, log[-5000:]
+    assert log.count("not training again") == 1, log[-5000:]
+    runs = _runs("videolights-smoke", name)
+    assert len(runs) == 1 and runs[0].info.status == "FAILED"
+    assert f"qid(s) [{qid}]" in runs[0].data.tags["vl.failure"]
+
+
+def test_a_failure_record_holds_one_line_and_lasts_one_submission(tmp_path):
+    """A corrupt shard met in a DataLoader worker arrives with that worker's traceback in its
+    message (torch's ExceptionWrapper, as the loader re-raises it): the record keeps its one
+    line. A resubmission takes the record (to print it) and removes it, so its own worker
+    groups train again."""
+    run_uri = str(tmp_path / "run")
+    try:
+        raise ShardCorruptError("shard s3://b/p/shard-00002.parquet: row group 1 does not decode")
+    except ShardCorruptError:
+        wrapped = ExceptionWrapper(where="in DataLoader worker process 0")
+    with pytest.raises(ShardCorruptError) as caught:
+        wrapped.reraise()
+    assert "Traceback" in str(caught.value)
+    write_fatal_record(run_uri, 1, caught.value)
+    assert read_fatal_record(run_uri)["message"] == (
+        "vl.data.shards.ShardCorruptError: shard s3://b/p/shard-00002.parquet: row group 1 does "
+        "not decode")
+    assert take_previous_failure(run_uri)["rank"] == 1
+    assert read_fatal_record(run_uri) is None and take_previous_failure(run_uri) is None
+
+
 # ---- bad input fails fast, before any worker (no Ray needed) --------------------------------
 def _train_main(argv: list[str], capsys) -> tuple[int, str]:
 
@@ -443,6 +524,9 @@ def test_check_capacity_counts_whole_workers_per_node():
     check_capacity(3, 1.5, [3.0, 1.5])
     with pytest.raises(PreflightError, match=r"too small .*num_workers=2 x .*cpus_per_worker=1\.5"):
         check_capacity(2, 1.5, [2.0, 1.0])  # 3.0 CPUs in total, but one worker per node fits
+    check_capacity(2, 1.0, [4.0, 4.0], gpus_per_worker=1.0, node_gpus=[2.0, 0.0])
+    with pytest.raises(PreflightError, match=r"have 4, 4 CPUs and 1, 0 GPUs \(1 of 2 fit\)"):
+        check_capacity(2, 1.0, [4.0, 4.0], gpus_per_worker=1.0, node_gpus=[1.0, 0.0])
 
 
 def test_direct_run_joins_the_stack_and_fails_fast_when_it_is_too_small(shards, stack_env):

@@ -10,6 +10,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -324,6 +325,26 @@ def test_impossible_values_exit_2_naming_the_key(capsys, argv, named):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and named in err
 
+
+
+def test_a_cluster_too_small_for_one_trial_exits_2_at_once(local_ray, tmp_path, monkeypatch,
+                                                          capsys):
+    """A 2-CPU cluster cannot hold a 3-CPU trial (nor a GPU trial): one line naming the flag,
+    exit 2, before MLflow (a dead server here) or the Tune storage is touched."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    storage = tmp_path / "tune"
+    for flags, named in ((["--cpus-per-trial", "3"], "--cpus-per-trial=3: its 1 node(s) have "
+                                                     "2 CPUs (0 of 1 fit)"),
+                         (["--gpus-per-trial", "1"], "--cpus-per-trial=1 x --gpus-per-trial=1: "
+                                                     "its 1 node(s) have 2 CPUs and 0 GPUs")):
+        t0 = time.monotonic()
+        code = main(["--config", str(SMOKE), "--data", str(tmp_path / "shards"), "--domains",
+                     "VT", "--storage", str(storage), *flags])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+        assert f"the Ray cluster is too small for {named}" in err
+        assert time.monotonic() - t0 < 10
+    assert not storage.exists()
 
 
 def test_sampled_search_starts_at_the_box_corners_then_samples_inside():

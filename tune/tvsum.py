@@ -33,6 +33,7 @@ import mlflow
 import ray
 from ray import tune
 
+from jobs.preflight import EXIT_BAD_INPUT, PreflightError, check_cluster_capacity
 from tune import report, runs, space
 from tune.report import best_per_domain, order_domains
 from tune.runs import ChildRunCloser, InterruptAfter
@@ -421,6 +422,15 @@ def run_search(spec: SearchSpec) -> SearchResult:
     return result
 
 
+def check_trial_fits(spec: SearchSpec) -> None:
+    """One trial's resources fit on one node of the cluster: Tune would otherwise wait for
+    them forever. Checked before MLflow or the Tune state is touched."""
+    knobs = {"--cpus-per-trial": spec.cpus_per_trial}
+    if spec.gpus_per_trial > 0:
+        knobs["--gpus-per-trial"] = spec.gpus_per_trial
+    check_cluster_capacity(1, spec.cpus_per_trial, spec.gpus_per_trial, knobs=knobs)
+
+
 def _ray_address(explicit: str | None) -> str | None:
     """Where to connect: --ray-address, else RAY_ADDRESS unless it is the job API's http URL
     (a shell after `cluster.local.stack up` has that one; ray.init needs the GCS address)."""
@@ -438,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
         spec = spec_from_args(args)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     started = False
     if not ray.is_initialized():
@@ -452,6 +462,11 @@ def main(argv: list[str] | None = None) -> int:
                 os.environ["RAY_ADDRESS"] = saved
         started = True
     try:
+        try:
+            check_trial_fits(spec)
+        except PreflightError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return EXIT_BAD_INPUT
         result = run_search(spec)
     finally:
         if started:

@@ -55,6 +55,24 @@ def build_optimizer(
     return optimizer, scheduler
 
 
+class NonFiniteLossError(FloatingPointError):
+    """A training step met NaN/inf. The message names the batch's qids and the samples whose
+    input features are not finite, so the bad rows can be found in the data; the same batch
+    fails the same way on every retry."""
+
+
+def non_finite_message(batch: Batch, epoch: int, detail: str) -> str:
+    """One line: the epoch, what was not finite, the batch's qids and the samples with
+    non-finite inputs (NaN features are the usual cause; none listed points at the run)."""
+    qids = list(batch.qids) or list(range(len(batch)))
+    finite = (torch.isfinite(batch.video).flatten(1).all(1)
+              & torch.isfinite(batch.text).flatten(1).all(1)).tolist()
+    bad = [q for q, ok in zip(qids, finite, strict=True) if not ok]
+    inputs = (f"; non-finite input features in qid(s) {bad}" if bad
+              else "; the inputs are finite (a diverged run? lower train.lr)")
+    return f"non-finite loss at epoch {epoch} ({detail}) in the batch of qids {qids}{inputs}"
+
+
 def forward(model: nn.Module, batch: Batch):
     return model(batch.video, batch.video_mask, batch.text, batch.text_mask)
 
@@ -69,17 +87,20 @@ def train_step(
     grad_clip: float = 0.1,
     bf16: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """forward -> criterion -> backward -> clip -> step. Returns the (detached) loss terms."""
+    """forward -> criterion -> backward -> clip -> step. Returns the (detached) loss terms;
+    raises NonFiniteLossError (naming the batch's qids) on a NaN/inf loss."""
     device = batch.video.device
-    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
-        out = forward(model, batch)
-    losses = criterion(out, batch, epoch)
+    try:
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
+            out = forward(model, batch)
+        losses = criterion(out, batch, epoch)
+    except FloatingPointError as err:  # the matcher refuses NaN/inf costs before a loss exists
+        raise NonFiniteLossError(non_finite_message(batch, epoch, str(err))) from err
     total = losses["loss"]
     if not torch.isfinite(total):
-        raise FloatingPointError(
-            f"non-finite loss at epoch {epoch}: "
-            + ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items())
-        )
+        terms = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in losses.items()
+                          if not torch.isfinite(v).all())
+        raise NonFiniteLossError(non_finite_message(batch, epoch, terms))
     optimizer.zero_grad(set_to_none=True)
     total.backward()
     if grad_clip > 0:

@@ -6,13 +6,14 @@ prefix are interchangeable everywhere.
 
 Outages: an object store goes away for seconds or minutes (a restart, a network blip, a paused
 server). Every S3 request is retried by botocore (`S3Retry`: retry mode, attempts, connect and
-read timeouts), and the whole-object calls here (`read_bytes`, `write_bytes`, `exists`,
+read timeouts), and the whole-object calls here (`read_bytes`, `write_bytes`, `remove`, `exists`,
 `wait_for_storage`) retry on top of that with exponential backoff until a bounded total time,
 then fail with one `StorageUnavailableError` naming the URI and the bound.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import logging
@@ -280,6 +281,18 @@ def write_bytes(uri: str, data: bytes) -> None:
         os.replace(tmp, path)  # readers never see a half-written file
         return
     retrying("write", uri, lambda: fs.pipe_file(path, data))
+
+
+def remove(uri: str) -> None:
+    """Delete one object or file; one that is not there is fine (a retried delete the server
+    had already done finds nothing)."""
+    fs, path = filesystem(uri)
+
+    def delete() -> None:
+        with contextlib.suppress(FileNotFoundError):
+            fs.rm_file(path)
+
+    retrying("delete", uri, delete)
 
 
 def exists(uri: str) -> bool:
