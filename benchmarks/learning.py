@@ -51,7 +51,7 @@ from vl.model import build_model
 TODAY = [
     "model.align_video=fra", "model.negative_fra=false", "model.decoder_memory=global_and_clips",
     "model.text_pos_std=1.0", "loss.label_reduction=weight_sum", "loss.sal_align_coef=0",
-    "model.bicmf_norm=branch", "model.fra_output=plain",
+    "model.bicmf_norm=branch", "model.fra_output=plain", "model.attention_init=xavier",
 ]
 VARIANTS: dict[str, list[str]] = {
     "full": [],
@@ -77,6 +77,7 @@ VARIANTS: dict[str, list[str]] = {
                                   "model.bicmf_ffn_residual=false", "model.bicmf_carry_text=false",
                                   "model.bicmf_positions=reference"],
     "reference_attention_init": ["model.attention_init=reference"],
+    "xavier_attention_init": ["model.attention_init=xavier"],
     "no_tc_loss": ["loss.tcl_coef=0"],
     # the reference's Bi-CMF layer shape, one difference at a time and all together
     "bicmf_no_self_attention": ["model.bicmf_self_attention=false"],

@@ -328,3 +328,9 @@ def test_bicmf_reference_positions_keep_clip_positions_out_of_the_values():
             _, words_a = layer(video, text, vmask, tmask, pos_a, torch.zeros_like(text))
             _, words_b = layer(video, text, vmask, tmask, pos_b, torch.zeros_like(text))
         assert torch.allclose(words_a, words_b, atol=1e-5) == independent, positions
+
+
+def test_paper_presets_use_the_reference_attention_init():
+    for preset in ("paper", "reference_script"):
+        assert ExperimentConfig.from_preset(preset).model.attention_init == "reference"
+    assert ExperimentConfig.from_preset("tiny").model.attention_init == "xavier"
