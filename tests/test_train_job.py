@@ -60,6 +60,19 @@ def _uid() -> str:
     return uuid.uuid4().hex[:8]
 
 
+def _shard_to_s3(layout, prefix: str, stack_env: dict, rows_per_shard: int) -> str:
+    """Shard both splits of a synthetic layout to prefix/{train,val} on the stack's S3."""
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in stack_env.items():
+            mp.setenv(key, value)
+        for split, jsonl in (("train", layout.train_jsonl), ("val", layout.val_jsonl)):
+            shard_run(dataset="qvhighlights", annotations=str(jsonl),
+                      video_features=layout.video_arg(), text_features=layout.text_arg(),
+                      out=f"{prefix}/{split}", rows_per_shard=rows_per_shard, ray_mode="off",
+                      log=lambda *_: None)
+    return prefix
+
+
 @pytest.fixture(scope="module")
 def stack_env(local_stack_env: dict[str, str]) -> dict[str, str]:
     return client_env(local_stack_env)
@@ -73,16 +86,7 @@ def shards(stack_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) 
                         video_sets=("slowfast", "clip"), text_sets=("clip",), val_fraction=0.25),
         tmp_path_factory.mktemp("synthetic"),
     )
-    prefix = f"s3://vl-data/test_train_job/{_uid()}"
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in stack_env.items():
-            mp.setenv(key, value)
-        for split, jsonl in (("train", layout.train_jsonl), ("val", layout.val_jsonl)):
-            shard_run(dataset="qvhighlights", annotations=str(jsonl),
-                      video_features=layout.video_arg(), text_features=layout.text_arg(),
-                      out=f"{prefix}/{split}", rows_per_shard=12, ray_mode="off",
-                      log=lambda *_: None)
-    return prefix
+    return _shard_to_s3(layout, f"s3://vl-data/test_train_job/{_uid()}", stack_env, 12)
 
 
 def _entrypoint(*args: str) -> list[str]:
@@ -291,15 +295,7 @@ def nan_shards(stack_env: dict[str, str], tmp_path_factory: pytest.TempPathFacto
     arrays["last_hidden_state"][1, 0] = np.nan
     np.savez(feature_file, **arrays)
     prefix = f"s3://vl-data/test_train_job/nan-{_uid()}"
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in stack_env.items():
-            mp.setenv(key, value)
-        for split, jsonl in (("train", layout.train_jsonl), ("val", layout.val_jsonl)):
-            shard_run(dataset="qvhighlights", annotations=str(jsonl),
-                      video_features=layout.video_arg(), text_features=layout.text_arg(),
-                      out=f"{prefix}/{split}", rows_per_shard=6, ray_mode="off",
-                      log=lambda *_: None)
-    return prefix, qid
+    return _shard_to_s3(layout, prefix, stack_env, 6), qid
 
 
 def test_nan_loss_names_the_qid_and_is_not_retried(nan_shards, stack_env, mlflow_env):
