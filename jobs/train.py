@@ -470,6 +470,8 @@ def restore_or_init(cfg: ExperimentConfig, device: torch.device, init_from: str 
         load_weights(model, init_from)  # weights only: fresh optimizer/schedule
         if is_chief:
             say(f"initialised from {init_from} (weights only)")
+    if cfg.train.compile:  # in place: state_dict keys and checkpoints stay those of the module
+        model.compile(dynamic=False)
     state.model = ray.train.torch.prepare_model(model)
     state.criterion.to(device)
     return state
@@ -542,7 +544,7 @@ def train_worker(loop_config: dict[str, Any], rank: int) -> None:
 
         stats = train_one_epoch(state.model, state.criterion, train_loader, state.optimizer,
                                 epoch, device=device, grad_clip=t.grad_clip, bf16=t.bf16,
-                                on_step=on_step)  # fmt: skip
+                                on_step=on_step, static_shape=cfg.data.static_shape())  # fmt: skip
         state.scheduler.step()
         state.global_step += int(stats["steps"])
         train = mean_over_ranks(stats, world, device)
@@ -587,7 +589,8 @@ class ChiefEvaluation:
         cfg = self.cfg
         result, rows = evaluate(unwrap(state.model), state.criterion, self.val_loader,
                                 dataset=cfg.data.dataset, ground_truth=self.ground_truth,
-                                device=self.device, epoch=epoch, bf16=cfg.train.bf16)  # fmt: skip
+                                device=self.device, epoch=epoch, bf16=cfg.train.bf16,
+                                static_shape=cfg.data.static_shape())  # fmt: skip
         metrics.update(eval_metrics(result))
         value = metrics.get(self.selection_metric, float("-inf"))
         if value > state.best["value"] or state.best["epoch"] < 0:

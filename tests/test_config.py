@@ -120,3 +120,12 @@ def test_impossible_training_values_name_their_key(override, key):
     batch sizes are refused at load time, naming the key."""
     with pytest.raises(ConfigError, match=f"key '{key}'"):
         ExperimentConfig.from_preset("tiny", [override])
+
+
+def test_compile_needs_static_shapes():
+    """A compiled model with batch-maximum shapes would recompile for every new length."""
+    with pytest.raises(ConfigError, match="key 'train.compile'.*data.static_shapes"):
+        ExperimentConfig.from_preset("tiny", ["train.compile=true"])
+    cfg = ExperimentConfig.from_preset("tiny", ["train.compile=true", "data.static_shapes=true"])
+    assert cfg.data.static_shape() == (cfg.data.max_v_l, cfg.data.max_q_l)
+    assert ExperimentConfig.from_preset("tiny", []).data.static_shape() is None

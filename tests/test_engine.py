@@ -45,6 +45,37 @@ def test_train_one_epoch_updates_weights_and_reports_means():
     assert changed > len(before) * 0.9
 
 
+def test_static_shapes_train_and_evaluate_as_batch_maximum_padding():
+    """data.static_shapes pads every batch to (max_v_l, max_q_l) in the engine: with dropout
+    off, the same weights after an epoch and the same evaluation as batch-maximum shapes."""
+    cfg = tiny_config("model.dropout=0", "model.attention_dropout=0", "model.input_dropout=0",
+                      "data.static_shapes=true")
+    batches = [tiny_batch(cfg, clips=16, tokens=8, seed=s) for s in range(2)]
+    shape = cfg.data.static_shape()
+    assert batches[0].video.shape[1] < shape[0]  # the padding is real
+    results = []
+    for static in (None, shape):
+        torch.manual_seed(0)
+        model = build_model(cfg.model)
+        widths: set[tuple[int, int]] = set()  # (clips, tokens) of every batch the model sees
+        model.register_forward_pre_hook(lambda m, a: widths.add((a[0].shape[1], a[2].shape[1])))
+        crit = build_criterion(cfg.loss)
+        opt, _ = build_optimizer(model, cfg.train)
+        stats = train_one_epoch(model, crit, batches, opt, epoch=0, static_shape=static)
+        result, rows = evaluate(model, crit, batches, dataset="qvhighlights", static_shape=static)
+        assert widths == ({(16, 8)} if static is None else {shape})
+        results.append((stats, result, rows, [p.detach().clone() for p in model.parameters()]))
+    (s0, r0, rows0, p0), (s1, r1, rows1, p1) = results
+    for k in ("loss", "loss_hard_pos", "loss_ts", "loss_span"):
+        assert s0[k] == pytest.approx(s1[k], rel=1e-4, abs=1e-5), k
+    for k in r0:
+        assert r0[k] == pytest.approx(r1[k], rel=1e-4, abs=1e-5), k
+    for a, b in zip(p0, p1):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert [len(r["pred_saliency_scores"]) for r in rows0] == \
+        [len(r["pred_saliency_scores"]) for r in rows1]
+
+
 @pytest.mark.parametrize("has_spans,field", [(True, "text"), (False, "video")])
 def test_non_finite_loss_names_the_batch_qids_and_the_bad_sample(has_spans, field):
     """With spans the matcher meets the NaN first, without them (TVSum) the loss does: either

@@ -162,12 +162,19 @@ class DataConfig:
     batch_size: int = 32
     eval_batch_size: int = 100
     loader_workers: int = 0  # DataLoader worker processes per training process
+    # pad every batch to max_v_l clips / max_q_l tokens (Batch.padded_to): one shape for a
+    # compiled model; same outputs and losses on the valid clips as batch-maximum padding
+    static_shapes: bool = False
     shuffle_buffer: int = 1024
     tvsum_domain: str = ""
     # Which column of the paper's Table 7 gives the per-domain TVSum coefficients (hl, scsl and,
     # for the fine-tuned column, al): "i3d", "sf_clip_blip", "sf_clip_blip_finetuned"; "" = none.
     # A coefficient set explicitly (YAML or --set) beats the table.
     tvsum_table: str = ""
+
+    def static_shape(self) -> tuple[int, int] | None:
+        """(max_v_l, max_q_l) when every batch is padded to one shape, else None."""
+        return (self.max_v_l, self.max_q_l) if self.static_shapes else None
 
 
 @dataclass
@@ -182,6 +189,8 @@ class TrainConfig:
     grad_clip: float = 0.1
     seed: int = 2018
     bf16: bool = False
+    # torch.compile the model (needs data.static_shapes: one graph for every batch)
+    compile: bool = False
     eval_every: int = 5
     selection_metric: str = ""  # empty: the dataset's default (EVAL_SPEC section 5)
 
@@ -291,6 +300,9 @@ class ExperimentConfig:
         for key in ("dropout", "attention_dropout", "input_dropout"):
             if not 0.0 <= getattr(m, key) < 1.0:
                 raise bad(f"model.{key}", f"must be in [0, 1), got {getattr(m, key)}")
+        if t.compile and not d.static_shapes:
+            raise bad("train.compile", "needs data.static_shapes: true (one graph for every "
+                      "batch; batch-maximum shapes would recompile for each new length)")
         if d.dataset not in DATASETS:
             raise bad("data.dataset", f"unknown dataset {d.dataset!r}; choose one of {DATASETS}")
         for name in d.video_features:

@@ -121,11 +121,13 @@ def train_one_epoch(
     bf16: bool = False,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
     max_steps: int | None = None,
+    static_shape: tuple[int, int] | None = None,
 ) -> dict[str, float]:
     """One pass over `loader`; returns the mean of every loss term plus samples/s and time.
 
     Loss terms are accumulated as tensors and read once at the end, so the loop does not force a
-    device synchronisation per step.
+    device synchronisation per step. `static_shape` (max_v_l, max_q_l) pads every batch to that
+    shape (`Batch.padded_to`, for a compiled model).
     """
     model.train()
     criterion.train()
@@ -134,6 +136,8 @@ def train_one_epoch(
     start = time.perf_counter()
     for batch in loader:
         batch = batch.to(device, non_blocking=True)
+        if static_shape is not None:
+            batch = batch.padded_to(*static_shape)
         losses = train_step(model, criterion, batch, optimizer, epoch,
                             grad_clip=grad_clip, bf16=bf16)
         for k, v in losses.items():
@@ -221,6 +225,7 @@ def evaluate(
     device: torch.device | str = "cpu",
     epoch: int = 0,
     bf16: bool = False,
+    static_shape: tuple[int, int] | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Predict every batch (one forward each, shared by the loss and the rows), average the
     loss terms, and score the rows with vl.metrics.
@@ -235,6 +240,8 @@ def evaluate(
     rows: list[dict[str, Any]] = []
     for batch in loader:
         batch = batch.to(device)
+        if static_shape is not None:
+            batch = batch.padded_to(*static_shape)
         with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16,
                             enabled=bf16):
             out = forward(model, batch)

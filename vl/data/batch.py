@@ -10,10 +10,11 @@ the targets. A typed dataclass means a field travels by name, never as a loose d
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import get_worker_info
 
 from vl.config import TEF_DIMS
@@ -55,6 +56,30 @@ class Batch:
 
     def __len__(self) -> int:
         return self.video.shape[0]
+
+    def padded_to(self, max_v_l: int, max_q_l: int) -> Batch:
+        """The same batch with clips padded to `max_v_l` and tokens to `max_q_l` (zeros, mask 0).
+
+        Static shapes let a compiled model (torch.compile, CUDA graphs) build its graph once
+        instead of once per batch maximum; every model output and loss term on the valid clips
+        equals the batch-maximum path's (masks carry the lengths, the losses normalise by them).
+        """
+        Lv, Lq = self.video.shape[1], self.text.shape[1]
+        if Lv > max_v_l or Lq > max_q_l:
+            raise ValueError(f"batch of {Lv} clips / {Lq} tokens exceeds the static shape "
+                             f"{max_v_l} / {max_q_l} (data.max_v_l / data.max_q_l)")
+        dv, dq = max_v_l - Lv, max_q_l - Lq
+        if dv == 0 and dq == 0:
+            return self
+        clip_pad = (0, 0, 0, dv)  # F.pad order: last dim first
+        return replace(
+            self,
+            video=F.pad(self.video, clip_pad),  # (B, max_v_l, Dv)
+            video_mask=F.pad(self.video_mask, (0, dv)),  # (B, max_v_l)
+            saliency_labels=F.pad(self.saliency_labels, (0, dv)),  # (B, max_v_l)
+            text=F.pad(self.text, (0, 0, 0, dq)),  # (B, max_q_l, Dt)
+            text_mask=F.pad(self.text_mask, (0, dq)),  # (B, max_q_l)
+        )
 
 
 _NO_TARGETS_PAIRS = 2  # pairs per sample of the dummy targets an inference batch carries

@@ -157,16 +157,19 @@ class SetCriterion(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Hard positive (MSE on relevant clips) and hard negative (on the others), normalised.
 
-        Padding contributes no error, but the mean runs over all B x Lv cells as the reference's
-        MSE does: Table 7's per-domain hl coefficients were chosen with that scale on TVSum's
-        55-323-clip videos padded to the batch maximum.
+        Padding contributes no error, but the mean runs over all B x Lv cells (Lv the batch's
+        longest video) as the reference's MSE does: Table 7's per-domain hl coefficients were
+        chosen with that scale on TVSum's 55-323-clip videos padded to the batch maximum.
         """
         s_n = F.normalize(self._rescaled(s, labels, mask), dim=1, eps=1e-6)
         y_n = F.normalize(labels * mask, dim=1, eps=1e-6)
         pos = (labels > 0) & mask
         neg = (labels <= 0) & mask
         sq = (y_n - s_n) ** 2  # (B, Lv)
-        return (sq * pos).mean(), (sq * neg).mean()
+        # cells of the batch-maximum padding, not of the tensor: a batch padded to a static
+        # shape (Batch.padded_to) keeps the same scale
+        cells = mask.shape[0] * mask.sum(1).amax().clamp(min=1)
+        return (sq * pos).sum() / cells, (sq * neg).sum() / cells
 
     def hard_weight(self, epoch: int) -> float:
         """W_j = (epoch + 1) * hl_coef: hard clips weigh more as training goes on (spec 6c.7)."""
