@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> None:
     ).to(device)
     if args.compile or args.static_shapes:
         batch = batch.padded_to(cfg.data.max_v_l, cfg.data.max_q_l)
-    step_model = torch.compile(model, dynamic=False) if args.compile else model
+    step_model = (torch.compile(model, dynamic=False, backend=cfg.train.compile_backend)
+                  if args.compile else model)
     model.train()
 
     def now() -> float:

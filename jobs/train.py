@@ -471,7 +471,7 @@ def restore_or_init(cfg: ExperimentConfig, device: torch.device, init_from: str 
         if is_chief:
             say(f"initialised from {init_from} (weights only)")
     if cfg.train.compile:  # in place: state_dict keys and checkpoints stay those of the module
-        model.compile(dynamic=False)
+        model.compile(dynamic=False, backend=cfg.train.compile_backend)
     state.model = ray.train.torch.prepare_model(model)
     state.criterion.to(device)
     return state

@@ -58,7 +58,8 @@ def test_static_shapes_train_and_evaluate_as_batch_maximum_padding():
         torch.manual_seed(0)
         model = build_model(cfg.model)
         widths: set[tuple[int, int]] = set()  # (clips, tokens) of every batch the model sees
-        model.register_forward_pre_hook(lambda m, a: widths.add((a[0].shape[1], a[2].shape[1])))
+        model.register_forward_pre_hook(
+            lambda m, a, seen=widths: seen.add((a[0].shape[1], a[2].shape[1])))
         crit = build_criterion(cfg.loss)
         opt, _ = build_optimizer(model, cfg.train)
         stats = train_one_epoch(model, crit, batches, opt, epoch=0, static_shape=static)

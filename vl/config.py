@@ -191,6 +191,7 @@ class TrainConfig:
     bf16: bool = False
     # torch.compile the model (needs data.static_shapes: one graph for every batch)
     compile: bool = False
+    compile_backend: str = "inductor"  # torch.compile's backend ("aot_eager": trace, no codegen)
     eval_every: int = 5
     selection_metric: str = ""  # empty: the dataset's default (EVAL_SPEC section 5)
 

@@ -53,12 +53,16 @@ class MomentToHighlight(nn.Module):
             st = torch.minimum(st, length - 1)
             ed = torch.maximum(torch.minimum(ed, length - 1), st)
             n = ed - st + 1  # (B,) >= 1
-            steps = torch.arange(Lv if self.padded else int(n.max()), device=video.device)
+            full = self.padded or torch.compiler.is_compiling()  # a static number of steps
+            steps = torch.arange(Lv if full else int(n.max()), device=video.device)
             idx = torch.minimum(st[:, None] + steps, (length - 1)[:, None])  # (B, Ls)
             inside = steps[None] < n[:, None]  # (B, Ls)
         clips = video.gather(1, idx[..., None].expand(-1, -1, d))  # (B, Ls, d)
         if self.padded:  # the slice, then zeros up to Lv
             _, h = self.gru(clips * inside[..., None])  # (1, B, d)
+        elif torch.compiler.is_compiling():  # the slice's last state, read from a full run:
+            states, _ = self.gru(clips)  # (B, Lv, d); no host sync, no packed sequence
+            h = states[torch.arange(B, device=states.device), n - 1][None]  # (1, B, d)
         else:
             packed = pack_padded_sequence(clips, n.cpu(), batch_first=True, enforce_sorted=False)
             _, h = self.gru(packed)  # (1, B, d)
