@@ -141,6 +141,21 @@ def test_check_tracking_server_accepts_running_server(mlflow_env):
     tracking.check_tracking_server(mlflow_env.uri)
 
 
+@pytest.mark.parametrize("user,password", [("admin", "not-the-password"), (None, None)])
+def test_check_tracking_server_refuses_wrong_or_missing_credentials(mlflow_env, monkeypatch,
+                                                                    user, password):
+    """The stack's server answers /health to anyone: the preflight also proves the credentials,
+    so a wrong password fails before any worker starts, naming the variables."""
+    for key, value in (("MLFLOW_TRACKING_USERNAME", user), ("MLFLOW_TRACKING_PASSWORD", password)):
+        if value is None:
+            monkeypatch.delenv(key, raising=False)
+        else:
+            monkeypatch.setenv(key, value)
+    with pytest.raises(tracking.TrackingServerUnavailableError,
+                       match="refused .*HTTP 401.*MLFLOW_TRACKING_PASSWORD"):
+        tracking.check_tracking_server(mlflow_env.uri)
+
+
 def test_start_or_resume_run_continues_the_tagged_run(mlflow_env):
     experiment = _name("exp")
     first = tracking.start_or_resume_run(experiment, "trial-a")

@@ -9,9 +9,11 @@ effect of logging. Imports mlflow only: the served model (which runs the network
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import logging
+import os
 import re
 import tempfile
 import threading
@@ -106,7 +108,7 @@ def check_tracking_server(uri: str | None = None, timeout_s: float = 5.0) -> Non
     try:
         with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s) as response:
             if response.status == 200:
-                return
+                return _check_credentials(uri, timeout_s)
             problem = f"HTTP {response.status}"
     except urllib.error.HTTPError as err:
         problem = f"HTTP {err.code}"
@@ -115,6 +117,30 @@ def check_tracking_server(uri: str | None = None, timeout_s: float = 5.0) -> Non
     raise TrackingServerUnavailableError(
         f"MLflow tracking server at {uri} is unreachable: {problem}. Set MLFLOW_TRACKING_URI "
         "to a running server (`python -m cluster.local.stack up` starts one locally)."
+    )
+
+
+def _check_credentials(uri: str, timeout_s: float) -> None:
+    """One authenticated read (`/health` needs none): a wrong or missing password fails here,
+    naming the variables, instead of at the first metric a worker logs."""
+    request = urllib.request.Request(
+        f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/search?max_results=1")
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME", "")
+    if user:
+        token = f"{user}:{os.environ.get('MLFLOW_TRACKING_PASSWORD', '')}".encode()
+        request.add_header("Authorization", "Basic " + base64.b64encode(token).decode())
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s):
+            return
+    except urllib.error.HTTPError as err:
+        code = err.code
+    if code not in (401, 403):
+        return  # the server answers; anything else surfaces with its own message later
+    who = f"user {user!r}" if user else "no credentials (MLFLOW_TRACKING_USERNAME is not set)"
+    raise TrackingServerUnavailableError(
+        f"MLflow tracking server at {uri} refused {who}: HTTP {code}. Set "
+        "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (`eval \"$(python -m "
+        "cluster.local.stack up)\"` exports the local stack's)."
     )
 
 
