@@ -116,7 +116,8 @@ def _checkpoint_folders(env: dict[str, str], run_path: str) -> list[str]:
     listing a folder whose objects were deleted)."""
     fs = _s3(env)
     return sorted(Path(p).name for p in fs.ls(run_path, refresh=True)
-                  if Path(p).name.startswith("checkpoint_") and fs.find(p))
+                  if Path(p).name.startswith("checkpoint_") and fs.isdir(p)
+                  and any(f.rstrip("/") != p.rstrip("/") for f in fs.find(p)))
 
 
 def _newest_complete_epoch(env: dict[str, str], run_uri: str) -> int | None:

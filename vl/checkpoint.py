@@ -161,7 +161,7 @@ def checkpoint_folders(run_uri: str) -> list[str]:
             return []
         return sorted(Path(p).name for p in fs.ls(path, detail=False)
                       if Path(p).name.startswith(CHECKPOINT_PREFIX) and fs.isdir(p)
-                      and fs.ls(p, detail=False))
+                      and any(f.rstrip("/") != p.rstrip("/") for f in fs.find(p)))
 
     return retrying("list", run_uri, listing)
 
