@@ -11,7 +11,8 @@ Fault tolerance: a dead worker makes Ray restart the group (`scale.max_failures`
 from the latest checkpoint; resubmitting a killed job with the same `--name` and `--storage` does
 the same. Rank 0 writes each checkpoint, sealed, into the run's storage before reporting it, and
 "the latest checkpoint" is the newest complete one there (`latest_checkpoint`), also when Ray's
-controller never recorded it because a worker died during the report. The MLflow run is found again by its `vl.run_name` tag, so a resume never adds a run.
+controller never recorded it because a worker died during the report. The MLflow run is found
+again by its `vl.run_name` tag, so a resume never adds a run.
 A deterministic error (a NaN loss, a corrupt shard) is not retried: the job exits 1 with one
 line naming it (for a NaN loss, the batch's qids) and its MLflow run is FAILED.
 """
