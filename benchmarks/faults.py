@@ -3,8 +3,8 @@ job and measured against a fault-free run of the same config.
 
 Faults: a worker killed mid-epoch (`scale.fail_at_step`: rank 1 exits hard, as after `kill
 -9`), a worker lost during the report of an evaluation epoch (`scale.fail_at_report`), the S3
-server (SeaweedFS) paused 30 s (SIGSTOP) after the first checkpoint, the MLflow server paused
-30 s, `ray job stop` after the first checkpoint then a resubmit with the same --name, and a
+server (SeaweedFS) paused 30 s and 90 s (SIGSTOP) after the first checkpoint, the MLflow server
+paused 30 s, `ray job stop` after the first checkpoint then a resubmit with the same --name, and a
 resubmit with a changed config (which must be refused with exit 2, the run untouched).
 
 Per fault one JSON line: survived (the job succeeded, or, for the changed config, was
@@ -47,8 +47,9 @@ REPO = Path(__file__).resolve().parents[1]
 STORAGE = "s3://vl-runs/faults"
 EXPERIMENT = "videolights-smoke"
 STEPS_PER_EPOCH = 3  # 48 train queries / 2 ranks / batch 8
-FAULTS = ("worker_kill_mid_epoch", "worker_kill_during_report", "s3_outage", "mlflow_outage",
-          "job_stop_resubmit", "resubmit_changed_config")
+FAULTS = ("worker_kill_mid_epoch", "worker_kill_during_report", "s3_outage", "s3_outage_90s",
+          "mlflow_outage", "job_stop_resubmit", "resubmit_changed_config")
+LONG_OUTAGE_S = 90.0  # s3_outage_90s: longer than one request's retries, within VL_S3_RETRY_TOTAL_S
 
 
 @dataclass
@@ -156,12 +157,13 @@ def run_fault(bench: Bench, fault: str, pause_s: float) -> dict[str, Any]:
                            f"scale.fail_at_step={bench.eval_every * STEPS_PER_EPOCH + 1}")
     elif fault == "worker_kill_during_report":
         job = bench.submit(name, "--set", f"scale.fail_at_report={bench.eval_every}")
-    elif fault in ("s3_outage", "mlflow_outage"):
+    elif fault in ("s3_outage", "s3_outage_90s", "mlflow_outage"):
         job = bench.submit(name)
         bench.wait_first_checkpoint(name)
-        pid = bench.stack.s3.pid if fault == "s3_outage" else bench.stack.mlflow.pid
-        pause(pid, pause_s)
-        extra["paused_s"] = pause_s
+        pid = bench.stack.mlflow.pid if fault == "mlflow_outage" else bench.stack.s3.pid
+        seconds = LONG_OUTAGE_S if fault == "s3_outage_90s" else pause_s
+        pause(pid, seconds)
+        extra["paused_s"] = seconds
     elif fault in ("job_stop_resubmit", "resubmit_changed_config"):
         first = bench.submit(name)
         bench.wait_first_checkpoint(name)
