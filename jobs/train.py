@@ -9,7 +9,10 @@ edges of a plain PyTorch loop (docs/ARCHITECTURE.md).
 
 Fault tolerance: a dead worker makes Ray restart the group (`scale.max_failures`), which resumes
 from the latest checkpoint; resubmitting a killed job with the same `--name` and `--storage` does
-the same. The MLflow run is found again by its `vl.run_name` tag, so a resume never adds a run.
+the same. Rank 0 writes each checkpoint, sealed, into the run's storage before reporting it, and
+"the latest checkpoint" is the newest complete one there (`latest_checkpoint`), also when Ray's
+controller never recorded it because a worker died during the report. The MLflow run is found
+again by its `vl.run_name` tag, so a resume never adds a run.
 A deterministic error (a NaN loss, a corrupt shard) is not retried: the job exits 1 with one
 line naming it (for a NaN loss, the batch's qids) and its MLflow run is FAILED.
 """
@@ -23,6 +26,7 @@ import json
 import logging
 import math
 import os
+import posixpath
 import re
 import signal
 import sys
@@ -34,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs
 import ray
 import ray.train
 import ray.train.torch
@@ -63,9 +68,12 @@ from vl import figures, serving, tracking
 from vl.checkpoint import (
     MODEL_FILE,
     CheckpointMismatchError,
+    complete_checkpoints,
     cpu_weights,
     load_weights,
+    prune_checkpoints,
     restore_training_state,
+    seal_checkpoint,
     seed_everything,
     write_model_file,
     write_training_state,
@@ -91,7 +99,7 @@ METRICS_FILE = "metrics.json"
 UNSENT_METRICS_FILE = "unsent_metrics.json"  # metric points MLflow had not stored yet
 SELECTION_KEY = "selection"
 DEFAULT_STORAGE = "s3://vl-runs/train"
-FAULT_GRACE_S = 5.0
+FAULT_WAIT_S = 120.0  # how long an injected report fault waits for rank 0's checkpoint
 
 
 # ---- arguments and config ------------------------------------------------------------------
@@ -421,10 +429,28 @@ def maybe_inject_fault(run_uri: str, step: int, fail_at: int, rank: int, world: 
         return
     write_bytes(marker, f"rank {rank} exited at global step {step}\n".encode())
     say(f"[fault injection] rank {rank} exits at global step {step}")
-    # Ray's controller collects reports by polling the workers (every 2 s): a crash right after
-    # a report can lose it, and its checkpoint with it. Waiting out one poll makes the injected
-    # crash resume from the latest reported checkpoint every time, which is what tests assert.
-    time.sleep(FAULT_GRACE_S)
+    os._exit(1)
+
+
+def maybe_fail_during_report(run_uri: str, epoch: int, fail_at: int, rank: int,
+                             world: int) -> None:  # fmt: skip
+    """Fault injection for tests: at the report of evaluation epoch `fail_at` (1-based), one
+    rank dies hard once rank 0's checkpoint of that epoch is complete in storage and before
+    its own report reaches Ray Train, so the controller never records that checkpoint (what a
+    worker lost while rank 0 evaluates and reports does)."""
+    if fail_at < 0 or epoch + 1 != fail_at or rank != min(1, world - 1):
+        return
+    marker = f"{run_uri}/fault_injected_at_report_{fail_at}"
+    if exists(marker):
+        return
+    write_bytes(marker, f"rank {rank} exited during the report of epoch {fail_at}\n".encode())
+    deadline = time.monotonic() + FAULT_WAIT_S
+    while not any(seal["epoch"] == epoch for _, seal in complete_checkpoints(run_uri)):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"fault injection: no checkpoint of epoch {fail_at} appeared "
+                               f"under {run_uri} in {FAULT_WAIT_S:.0f} s")
+        time.sleep(0.2)
+    say(f"[fault injection] rank {rank} exits during the report of epoch {fail_at}")
     os._exit(1)
 
 
@@ -441,27 +467,61 @@ class WorkerState:
     history: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     best: dict[str, Any] = field(default_factory=lambda: {"epoch": -1, "value": float("-inf")})
     unsent_metrics: list = field(default_factory=list)  # (step, metrics, ms) for the tracker
+    # A complete checkpoint in storage that Ray Train has not recorded (its report was lost):
+    # (the checkpoint, its metrics), reported again once so Ray keeps and ranks it.
+    adopted: tuple[ray.train.Checkpoint, dict[str, float]] | None = None
+
+
+def latest_checkpoint(run_uri: str) -> tuple[ray.train.Checkpoint | None, bool]:
+    """(checkpoint to resume from, whether Ray Train has not recorded it).
+
+    Ray's latest recorded checkpoint, unless the run's storage holds a newer complete one
+    (vl.checkpoint's seal): the controller records a checkpoint only once every rank's report
+    of it has reached it, so a worker lost during the report leaves a finished checkpoint
+    behind that Ray does not know; resuming from Ray's alone would redo `eval_every` epochs
+    more than the run has to."""
+    recorded = ray.train.get_checkpoint()
+    found = complete_checkpoints(run_uri)
+    if not found:
+        return recorded, False
+    name, seal = found[-1]
+    if recorded is not None:
+        seals = dict(found)
+        own = seals.get(posixpath.basename(recorded.path.rstrip("/")))
+        if own is None or (own["epoch"], own["global_step"]) >= (seal["epoch"],
+                                                                 seal["global_step"]):
+            return recorded, False
+    storage = ray.train.get_context().get_storage()
+    return ray.train.Checkpoint(path=f"{storage.experiment_fs_path.rstrip('/')}/{name}",
+                                filesystem=storage.storage_filesystem), True
 
 
 def restore_or_init(cfg: ExperimentConfig, device: torch.device, init_from: str | None,
-                    is_chief: bool) -> WorkerState:  # fmt: skip
-    """The model, loss and optimizer, resumed from Ray's latest checkpoint when there is one,
-    else initialised from `--init-from` weights (fresh optimizer and schedule) or the seed."""
+                    is_chief: bool, run_uri: str) -> WorkerState:  # fmt: skip
+    """The model, loss and optimizer, resumed from the latest checkpoint when there is one
+    (`latest_checkpoint`), else initialised from `--init-from` weights (fresh optimizer and
+    schedule) or the seed."""
     seed_everything(cfg.train.seed)  # same initial weights on every rank (DDP also broadcasts)
     # On the device before the optimizer exists: a resumed optimizer state is then loaded next to
     # its parameters (AdamW's state would otherwise stay on the CPU under GPU parameters).
     model = build_model(cfg.model).to(device)
     optimizer, scheduler = build_optimizer(model, cfg.train)
     state = WorkerState(model, build_criterion(cfg.loss), optimizer, scheduler)
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint, unrecorded = latest_checkpoint(run_uri)
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
             saved = restore_training_state(ckpt_dir, model, optimizer, scheduler)
             unsent = Path(ckpt_dir) / UNSENT_METRICS_FILE
             if unsent.exists():
                 state.unsent_metrics = json.loads(unsent.read_text())
+            if unrecorded:
+                metrics = json.loads((Path(ckpt_dir) / METRICS_FILE).read_text())
+                state.adopted = (checkpoint, metrics)
         state.start_epoch, state.global_step = saved["epoch"] + 1, saved["global_step"]
         state.history, state.best = saved["history"], saved["best"]
+        if is_chief and unrecorded:
+            say(f"found {checkpoint.path} complete in storage but not recorded by Ray Train "
+                "(a worker was lost during its report): resuming from it")
         if is_chief:
             say(f"resuming from the checkpoint of epoch {saved['epoch'] + 1} (global step "
                 f"{state.global_step}); continuing with epoch {state.start_epoch + 1}/"
@@ -529,7 +589,11 @@ def train_worker(loop_config: dict[str, Any], rank: int) -> None:
     torch.set_num_threads(max(1, int(cfg.scale.cpus_per_worker)))
     device = ray.train.torch.get_device()
     is_chief = rank == 0
-    state = restore_or_init(cfg, device, loop_config.get("init_from"), is_chief)
+    state = restore_or_init(cfg, device, loop_config.get("init_from"), is_chief, run_uri)
+    if state.adopted is not None:  # every rank reports (a barrier); rank 0 the checkpoint
+        checkpoint, metrics = state.adopted
+        ray.train.report(metrics, checkpoint=checkpoint if is_chief else None,
+                         checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD)
     train_loader, val_loader, ground_truth = make_loaders(cfg, rank, world, is_chief)
     chief = ChiefEvaluation(cfg, loop_config["run_id"], loop_config["selection_metric"],
                             val_loader, ground_truth, device,
@@ -557,7 +621,9 @@ def train_worker(loop_config: dict[str, Any], rank: int) -> None:
             with tempfile.TemporaryDirectory(prefix="vl-ckpt-") as tmp:
                 ckpt = chief.evaluate_and_checkpoint(state, epoch, metrics, Path(tmp),
                                                      epoch_times) if chief else None  # fmt: skip
-                ray.train.report(metrics, checkpoint=ckpt)
+            maybe_fail_during_report(run_uri, epoch, cfg.scale.fail_at_report, rank, world)
+            ray.train.report(metrics, checkpoint=ckpt,
+                             checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD)
             continue
         ray.train.report(metrics)  # a barrier: every rank reports every epoch
         if chief is not None:
@@ -600,8 +666,27 @@ class ChiefEvaluation:
         write_checkpoint(directory, cfg, state, epoch, self.run_id, metrics, rows)
         # Points an MLflow outage holds back travel with the checkpoint: a restart resends them.
         (directory / UNSENT_METRICS_FILE).write_text(json.dumps(self.tracker.log.unsent()))
+        seal_checkpoint(directory, epoch, state.global_step)
+        checkpoint = upload_checkpoint(directory)
         progress(epoch, cfg.train.epochs, metrics, epoch_times, self.selection_metric)
-        return ray.train.Checkpoint.from_directory(str(directory))
+        return checkpoint
+
+
+def upload_checkpoint(directory: Path) -> ray.train.Checkpoint:
+    """Copy a sealed checkpoint folder into the run's storage before it is reported (the
+    report then only names it): a worker lost during the report cannot lose a checkpoint that
+    is already complete in storage, and the next attempt finds it (`latest_checkpoint`)."""
+    storage = ray.train.get_context().get_storage()
+    now = time.time_ns()
+    stamp = time.strftime("%Y-%m-%d_%H-%M-%S", time.gmtime(now // 10**9)) + f".{now % 10**9:09d}"
+    path = f"{storage.experiment_fs_path.rstrip('/')}/checkpoint_{stamp}"
+    fs = storage.storage_filesystem
+    fs.create_dir(path)
+    # One thread and large chunks, as Ray Train's own upload: pyarrow's threaded upload to S3
+    # can corrupt a file (apache/arrow#32372).
+    pyarrow.fs.copy_files(str(directory), path, destination_filesystem=fs, use_threads=False,
+                          chunk_size=64 * 1024 * 1024)
+    return ray.train.Checkpoint(path=path, filesystem=fs)
 
 
 def quiet_ray_train_reports() -> None:
@@ -840,10 +925,27 @@ def run(plan: JobPlan) -> dict[str, Any]:
     with closes_run(run_id):
         with tracking.system_metrics(run_id):
             result = fit(build_trainer(plan, run_id, use_gpu), run_id, plan.run_uri)
+        prune_unrecorded_checkpoints(plan, result)
         summary = finalize(plan, run_id, result)
     tracking.finish_run(run_id, "FINISHED")
     write_run_record(plan, finished=summary)
     return summary
+
+
+def prune_unrecorded_checkpoints(plan: JobPlan, result) -> None:
+    """Remove the checkpoint folders Ray Train does not keep: Ray deletes only those it recorded
+    beyond `scale.keep_checkpoints`, so a folder whose report was lost (and which a resume
+    adopted and reported again, or superseded) or a half-uploaded one would stay forever."""
+    kept = [c for c, _ in (result.best_checkpoints or [])]
+    if result.checkpoint is not None:
+        kept.append(result.checkpoint)
+    if not kept:
+        return
+    removed = prune_checkpoints(plan.run_uri,
+                                {posixpath.basename(c.path.rstrip("/")) for c in kept})
+    if removed:
+        print(f"removed {len(removed)} checkpoint folder(s) Ray Train does not keep: "
+              f"{', '.join(removed)}", flush=True)
 
 
 @contextlib.contextmanager

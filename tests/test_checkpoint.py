@@ -15,9 +15,13 @@ from vl import serving, tracking
 from vl.checkpoint import (
     CheckpointMismatchError,
     UnsafeCheckpointError,
+    complete_checkpoints,
     load_weights,
+    prune_checkpoints,
+    read_seal,
     read_weights,
     restore_training_state,
+    seal_checkpoint,
     seed_everything,
     write_training_state,
 )
@@ -251,3 +255,30 @@ def test_training_state_is_plain_data(tmp_path):
                          history={"train_loss": [1.0, 0.5]}, best={"value": 0.5})  # fmt: skip
     state = torch.load(tmp_path / "state.pt", weights_only=True)
     assert state["epoch"] == 2 and state["history"] == {"train_loss": [1.0, 0.5]}
+
+
+def test_a_resume_finds_the_newest_complete_checkpoint_and_prunes_the_rest(tmp_path):
+    """complete_checkpoints reads storage alone: a sealed folder counts only while every file
+    its seal lists is there with its size (a half-uploaded one is skipped), the newest by
+    epoch comes last, and prune_checkpoints removes every folder outside the kept set."""
+    run = tmp_path / "run"
+    for name, epoch in (("checkpoint_a", 1), ("checkpoint_b", 3), ("checkpoint_c", 5)):
+        folder = run / name
+        folder.mkdir(parents=True)
+        (folder / "state.pt").write_bytes(b"x" * (10 + epoch))
+        (folder / "model.pt").write_bytes(b"y" * 7)
+        seal_checkpoint(folder, epoch, 10 * epoch)
+    (run / "checkpoint_c" / "model.pt").write_bytes(b"y" * 3)  # an upload cut short
+    (run / "checkpoint_d").mkdir()  # an upload that never got to its seal
+    (run / "checkpoint_d" / "state.pt").write_bytes(b"z")
+    (run / "run_record.json").write_text("{}")
+
+    found = complete_checkpoints(str(run))
+    assert [(name, seal["epoch"], seal["global_step"]) for name, seal in found] == [
+        ("checkpoint_a", 1, 10), ("checkpoint_b", 3, 30)]
+    assert read_seal(str(run / "checkpoint_c")) is None
+    assert read_seal(str(run / "checkpoint_d")) is None
+
+    removed = prune_checkpoints(str(run), {"checkpoint_b"})
+    assert removed == ["checkpoint_a", "checkpoint_c", "checkpoint_d"]
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint_b", "run_record.json"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -43,6 +44,7 @@ from jobs.train import (
 )
 from tests.jobs import client_env, submit
 from vl import tracking
+from vl.checkpoint import complete_checkpoints
 from vl.config import ExperimentConfig
 from vl.data.shards import ShardCorruptError, read_manifest
 from vl.data.synthetic import SyntheticConfig, generate
@@ -109,19 +111,28 @@ def _checkpoints(env: dict[str, str], run_path: str) -> list[str]:
                   if Path(p).name.startswith("checkpoint_") and fs.exists(f"{p}/state.pt"))
 
 
-def _registered_checkpoint(env: dict[str, str], run_path: str) -> bool:
-    """True once Ray Train has recorded a checkpoint in its manager snapshot, which is what a
-    resubmitted job resumes from. A checkpoint folder with state.pt exists a moment earlier (the
-    worker uploads it before the controller records it); stopping in that window rightly starts
-    over, so the test must wait for the record, not the folder."""
+def _checkpoint_folders(env: dict[str, str], run_path: str) -> list[str]:
+    """The checkpoint folders under a run's storage that hold any object (SeaweedFS goes on
+    listing a folder whose objects were deleted)."""
     fs = _s3(env)
-    snapshot = f"{run_path}/checkpoint_manager_snapshot.json"
-    if not fs.exists(snapshot):
-        return False
-    state = json.loads(fs.cat_file(snapshot))
-    if isinstance(state, str):  # pydantic .json() may be stored as a JSON string
-        state = json.loads(state)
-    return state.get("latest_checkpoint_result") is not None
+    return sorted(Path(p).name for p in fs.ls(run_path, refresh=True)
+                  if Path(p).name.startswith("checkpoint_") and fs.isdir(p)
+                  and any(f.rstrip("/") != p.rstrip("/") for f in fs.find(p)))
+
+
+def _newest_complete_epoch(env: dict[str, str], run_uri: str) -> int | None:
+    """The epoch (0-based) of the newest complete (sealed) checkpoint in a run's storage."""
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in env.items():
+            mp.setenv(key, value)
+        found = complete_checkpoints(run_uri)
+    return found[-1][1]["epoch"] if found else None
+
+
+def _epochs_trained(log: str) -> int:
+    """Rank 0's progress lines ("epoch K/N loss ..."), one per epoch trained (without the log
+    tail the CLI repeats after "Status message:")."""
+    return len(re.findall(r"\bepoch \d+/\d+ loss ", log.split("Status message:")[0]))
 
 
 def _runs(experiment: str, name: str):
@@ -133,9 +144,11 @@ def _runs(experiment: str, name: str):
 
 def test_submit_stop_resubmit_register_and_predict(shards, stack_env, mlflow_env, tmp_path,
                                                    monkeypatch):
-    """The product path: ray job submit; `ray job stop` after the first checkpoint; resubmit
-    with the same name -> it resumes (first epoch > 1), ONE MLflow run holds every epoch, the
-    best checkpoint is registered as champion and the pyfunc loads and predicts."""
+    """The product path: ray job submit; `ray job stop` as soon as the first checkpoint is
+    complete in storage (whether or not Ray Train recorded it yet); resubmit with the same name
+    -> it resumes right after the newest complete checkpoint (nothing redone at eval_every=1),
+    ONE MLflow run holds every epoch exactly once, the best checkpoint is registered as
+    champion and the pyfunc loads and predicts."""
     name, model_name = f"e2e-{_uid()}", f"vl-test-{_uid()}"
     storage = "s3://vl-runs/test_train_job"
     epochs = 8
@@ -153,13 +166,16 @@ def test_submit_stop_resubmit_register_and_predict(shards, stack_env, mlflow_env
     token = Path(stack_env["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
     jobs = JobSubmissionClient(stack_env["RAY_ADDRESS"],
                                headers={"Authorization": f"Bearer {token}"})
+    run_uri = f"{storage}/{name}"
     try:
-        wait_for(lambda: _registered_checkpoint(stack_env, run_path), 180, "first checkpoint",
-                 poll_s=0.2)
+        wait_for(lambda: _newest_complete_epoch(stack_env, run_uri) is not None, 180,
+                 "first checkpoint", poll_s=0.2)
     finally:
         jobs.stop_job(first)
     wait_for(lambda: jobs.get_job_status(first).is_terminal(), 60, "the stopped job")
     assert jobs.get_job_status(first) == JobStatus.STOPPED
+    checkpointed = _newest_complete_epoch(stack_env, run_uri)
+    trained_first = _epochs_trained(jobs.get_job_logs(first))
     # the stopped job closed its MLflow run (KILLED), rather than leaving it RUNNING
     assert [r.info.status for r in _runs("videolights-smoke", name)] == ["KILLED"]
 
@@ -169,13 +185,18 @@ def test_submit_stop_resubmit_register_and_predict(shards, stack_env, mlflow_env
     resumed = [line for line in log.splitlines() if "continuing with epoch" in line]
     assert resumed, log[-5000:]
     first_epoch = int(resumed[0].split("continuing with epoch ")[1].split("/")[0])
-    assert 1 < first_epoch <= epochs  # it did not start over
+    assert first_epoch == checkpointed + 2  # right after the newest complete checkpoint
+    # Epochs the stopped job finished that the resumed one trained again: none at eval_every=1
+    # (a line the stopped job's log lost would only lower the count).
+    assert trained_first - (first_epoch - 1) <= 0
+    assert _epochs_trained(log) == epochs - (first_epoch - 1)
     assert f"epoch {epochs}/{epochs}" in log
 
-    # Checkpoints on S3 (the stopped job's may stay beside the resumed job's best two): the
-    # newest is the last epoch's and carries its evaluation.
+    # Checkpoints on S3: Ray's kept set (the best two and the latest), nothing else left
+    # behind; the newest is the last epoch's and carries its evaluation.
     kept = _checkpoints(stack_env, run_path)
-    assert kept
+    assert 1 <= len(kept) <= 3
+    assert _checkpoint_folders(stack_env, run_path) == [Path(p).name for p in kept]
     newest = json.loads(_s3(stack_env).cat_file(f"{kept[-1]}/metrics.json"))
     assert newest["epoch"] == epochs - 1 and "MR-full-R1_at_0.5" in newest
 
@@ -264,6 +285,7 @@ def test_killed_worker_is_replaced_and_training_resumes(shards, stack_env, mlflo
     resumed_at = int(resumed[0].split("continuing with epoch ")[1].split("/")[0]) - 1
     redone = fail_at // steps_per_epoch - resumed_at  # completed epochs trained again
     assert 0 <= redone <= eval_every - 1
+    assert _epochs_trained(log) == epochs + redone
     runs = _runs("videolights-smoke", name)
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
 
@@ -273,6 +295,52 @@ def test_killed_worker_is_replaced_and_training_resumes(shards, stack_env, mlflo
     assert sorted(m.step for m in history) == list(range(epochs))  # each epoch exactly once
     assert [m.value for m in client.get_metric_history(run_id, "global_step")
             if m.step == 0] == [steps_per_epoch]
+    assert sorted(m.step for m in client.get_metric_history(run_id, "MR-full-R1_at_0.5")) \
+        == [1, 3]
+    _assert_each_step_logged_once(run_id)
+
+
+def test_worker_lost_during_the_report_resumes_from_the_checkpoint_it_left(shards, stack_env,
+                                                                         mlflow_env):
+    """scale.fail_at_report: rank 1 dies once rank 0's checkpoint of epoch 2 is complete in
+    storage and before its own report reaches Ray Train, so the controller never records that
+    checkpoint. The restarted group finds it in storage and continues with epoch 3 (nothing
+    redone; Ray's own latest checkpoint would be none, a restart from scratch), reports it
+    again so Ray keeps it, every epoch is logged once, and a checkpoint folder whose upload
+    never finished is removed at the end."""
+    name = f"report-fault-{_uid()}"
+    epochs, eval_every, fail_at = 4, 2, 2
+    run_path = f"vl-runs/test_train_job/{name}"
+    fs = _s3(stack_env)
+    half = f"{run_path}/checkpoint_2000-01-01_00-00-00.000000"  # an upload cut short
+    fs.pipe_file(f"{half}/state.pt", b"partial")
+    entry = _entrypoint("--data", shards, "--storage", "s3://vl-runs/test_train_job",
+                        "--name", name, "--set", f"train.epochs={epochs}",
+                        "--set", f"scale.fail_at_report={fail_at}", *FAST,
+                        "--set", f"train.eval_every={eval_every}")
+    done = submit(stack_env, name, entry)
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-5000:]
+    assert f"[fault injection] rank 1 exits during the report of epoch {fail_at}" in log
+    assert "not recorded by Ray Train" in log, log[-5000:]
+    resumed = [line for line in log.splitlines() if "continuing with epoch" in line]
+    assert resumed and f"continuing with epoch {fail_at + 1}/{epochs}" in resumed[0], log[-5000:]
+    redone = fail_at - (int(resumed[0].split("continuing with epoch ")[1].split("/")[0]) - 1)
+    assert 0 <= redone <= eval_every - 1
+    assert _epochs_trained(log) == epochs + redone
+
+    # The adopted checkpoint (epoch 2) and the last (epoch 4) are kept; the cut-short one is gone.
+    kept = _checkpoints(stack_env, run_path)
+    assert not fs.exists(f"{half}/state.pt")
+    assert [json.loads(fs.cat_file(f"{p}/metrics.json"))["epoch"] for p in kept] == [1, 3]
+    assert _checkpoint_folders(stack_env, run_path) == [Path(p).name for p in kept]
+
+    runs = _runs("videolights-smoke", name)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    run_id = runs[0].info.run_id
+    client = MlflowClient()
+    assert sorted(m.step for m in client.get_metric_history(run_id, "train_loss")) \
+        == list(range(epochs))
     assert sorted(m.step for m in client.get_metric_history(run_id, "MR-full-R1_at_0.5")) \
         == [1, 3]
     _assert_each_step_logged_once(run_id)

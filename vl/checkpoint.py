@@ -8,7 +8,12 @@ A checkpoint directory (jobs.train's Ray checkpoint, a tune trial's checkpoint) 
   `vl.serving` registers and serves;
 - `state.pt` (STATE_FILE): {"model", "optimizer", "scheduler", "epoch" (the last finished epoch,
   0-based), "rng" (torch, python, numpy), plus the owner's progress keys}, what a resumed run
-  continues from.
+  continues from;
+- `checkpoint.json` (SEAL_FILE), written last: the epoch, the global step and every other file's
+  size. A checkpoint folder in storage is complete when each listed file is there with its size
+  (an S3 PUT is atomic, so a file of the right size is the whole file): a resume finds the
+  newest complete checkpoint of a run from storage alone (`complete_checkpoints`), whatever the
+  scheduler that wrote it recorded, and a half-uploaded folder is never resumed from.
 
 Both hold only tensors and plain containers and every read is `torch.load(weights_only=True)`:
 a file planted in the checkpoint storage that needs any other class is refused
@@ -29,6 +34,7 @@ tensor named, rather than loading half the network.
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import random
@@ -44,10 +50,12 @@ import yaml
 from mlflow.exceptions import MlflowException
 from torch import nn
 
-from vl.storage import filesystem, is_remote, join_uri
+from vl.storage import filesystem, is_remote, join_uri, retrying
 
 MODEL_FILE = "model.pt"  # weights + config: what the registered pyfunc model loads
 STATE_FILE = "state.pt"  # full training state: weights, optimizer, scheduler, epoch, RNG, progress
+SEAL_FILE = "checkpoint.json"  # written last: epoch, global step and the other files' sizes
+CHECKPOINT_PREFIX = "checkpoint_"  # the checkpoint folders under a run's storage
 CHECKPOINT_ARTIFACT = "checkpoint"  # the pyfunc artifact that holds MODEL_FILE
 
 
@@ -101,6 +109,84 @@ def write_training_state(
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "epoch": epoch, "rng": rng_state(), **progress},
                Path(directory) / STATE_FILE)  # fmt: skip
+
+
+def seal_checkpoint(directory: str | Path, epoch: int, global_step: int) -> dict[str, Any]:
+    """Write SEAL_FILE into a finished checkpoint folder (call it last): what makes the folder,
+    once copied to storage, recognisable as complete (`read_seal`)."""
+    directory = Path(directory)
+    files = {p.name: p.stat().st_size for p in sorted(directory.iterdir())
+             if p.is_file() and p.name != SEAL_FILE}
+    seal = {"epoch": int(epoch), "global_step": int(global_step), "files": files}
+    (directory / SEAL_FILE).write_text(json.dumps(seal, indent=1, sort_keys=True))
+    return seal
+
+
+def read_seal(uri: str) -> dict[str, Any] | None:
+    """The seal of the checkpoint folder `uri` if the folder is complete (the seal and every
+    file it lists, each with its size), else None."""
+    fs, path = filesystem(uri)
+    path = path.rstrip("/")
+
+    def listing() -> dict[str, int]:
+        fs.invalidate_cache(path)
+        if not fs.exists(path):
+            return {}
+        return {Path(e["name"]).name: int(e.get("size") or 0)
+                for e in fs.ls(path, detail=True) if e.get("type") == "file"}
+
+    present = retrying("list", uri, listing)
+    if SEAL_FILE not in present:
+        return None
+    try:
+        seal = json.loads(retrying("read", uri, lambda: fs.cat_file(f"{path}/{SEAL_FILE}")))
+        files = dict(seal["files"])
+        int(seal["epoch"]), int(seal["global_step"])
+    except (ValueError, KeyError, TypeError):
+        return None
+    if any(present.get(name) != size for name, size in files.items()):
+        return None
+    return seal
+
+
+def checkpoint_folders(run_uri: str) -> list[str]:
+    """The names of the checkpoint folders (complete or not) under a run's storage that hold
+    any file (an object store may go on listing a folder whose objects were all deleted)."""
+    fs, path = filesystem(run_uri)
+    path = path.rstrip("/")
+
+    def listing() -> list[str]:
+        fs.invalidate_cache(path)
+        if not fs.exists(path):
+            return []
+        return sorted(Path(p).name for p in fs.ls(path, detail=False)
+                      if Path(p).name.startswith(CHECKPOINT_PREFIX) and fs.isdir(p)
+                      and any(f.rstrip("/") != p.rstrip("/") for f in fs.find(p)))
+
+    return retrying("list", run_uri, listing)
+
+
+def complete_checkpoints(run_uri: str) -> list[tuple[str, dict[str, Any]]]:
+    """(folder name, seal) of every complete checkpoint under a run's storage, oldest first
+    (by epoch, then global step, then name): the last is the one a resume continues from."""
+    found = [(name, seal) for name in checkpoint_folders(run_uri)
+             if (seal := read_seal(join_uri(run_uri, name))) is not None]
+    return sorted(found, key=lambda ns: (ns[1]["epoch"], ns[1]["global_step"], ns[0]))
+
+
+def prune_checkpoints(run_uri: str, keep: set[str]) -> list[str]:
+    """Remove every checkpoint folder under a run's storage whose name is not in `keep` (the
+    scheduler's kept set); returns the names removed. Folders a lost report left behind, and
+    half-uploaded ones, are otherwise never deleted."""
+    fs, path = filesystem(run_uri)
+    removed = []
+    for name in checkpoint_folders(run_uri):
+        if name in keep:
+            continue
+        folder = f"{path.rstrip('/')}/{name}"
+        retrying("delete", join_uri(run_uri, name), lambda f=folder: fs.rm(f, recursive=True))
+        removed.append(name)
+    return removed
 
 
 class UnsafeCheckpointError(ValueError):

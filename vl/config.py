@@ -207,6 +207,9 @@ class ScaleConfig:
     keep_checkpoints: int = 2  # best checkpoints Ray keeps (by the selection metric)
     max_failures: int = 2  # worker-group restarts before the run fails
     fail_at_step: int = -1  # fault injection for tests: rank 1 exits once at this global step
+    # fault injection for tests: rank 1 exits once during the report of this epoch (1-based, an
+    # evaluation epoch), after rank 0's checkpoint is in storage and before Ray Train records it
+    fail_at_report: int = -1
 
 
 # Keys that moved: an old config that still uses one fails with a message naming the new key.
