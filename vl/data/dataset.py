@@ -14,6 +14,7 @@ import zlib
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -116,9 +117,10 @@ def make_sample(
 # --- collation ----------------------------------------------------------------------------------
 
 
-def collate(samples: Sequence[Sample]) -> Batch:
+def collate(samples: Sequence[Sample], half: bool = False) -> Batch:
     """Pad a list of Samples into a Batch (`vl.data.batch.pad_batch`: feature sets
-    concatenated, 2 TEF dims appended, targets padded)."""
+    concatenated, 2 TEF dims appended, targets padded); `half` keeps the float16 shard features
+    in float16 (a half batch, widened to float32 by `Batch.to`)."""
     if not samples:
         raise ValueError("collate got an empty list")
     has_spans = {s.has_spans for s in samples}
@@ -131,7 +133,7 @@ def collate(samples: Sequence[Sample]) -> Batch:
             [s.video for s in samples], [s.text for s in samples], [s.targets for s in samples],
             has_spans=has_spans.pop(), qids=[s.qid for s in samples],
             vids=[s.vid for s in samples], queries=[s.query for s in samples],
-            durations=[s.duration for s in samples], clip_len=samples[0].clip_len,
+            durations=[s.duration for s in samples], clip_len=samples[0].clip_len, half=half,
         )  # fmt: skip
 
 
@@ -476,9 +478,17 @@ def make_loader(
     num_workers: int = 0,
     drop_last: bool = False,
     prefetch_factor: int | None = 2,
+    half_batches: bool = False,
+    pin_memory: bool = False,
     **dataset_kwargs: Any,
 ) -> DataLoader:
     """A DataLoader over ShardDataset(uri, ...) collating to Batch.
+
+    `half_batches` collates half batches (float16 features, float32 TEF; `Batch.to` widens them
+    on the device to the float32 batch the model expects): the collate copies the stored
+    float16 instead of converting it, and half the bytes travel from workers, into pinned
+    memory and to the device. Consumers that read features without `Batch.to` want the default.
+    `pin_memory` (CUDA) pins each batch in the loader's pinning thread.
 
     Call `loader.dataset.set_epoch(e)` before iterating epoch e (workers are re-created per epoch,
     so they see the new epoch).
@@ -489,8 +499,9 @@ def make_loader(
     return DataLoader(
         ds,
         batch_size=batch_size,
-        collate_fn=collate,
+        collate_fn=partial(collate, half=half_batches),
         num_workers=num_workers,
+        pin_memory=pin_memory,
         drop_last=drop_last,
         persistent_workers=False,
         prefetch_factor=prefetch_factor if num_workers > 0 else None,
