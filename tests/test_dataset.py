@@ -259,3 +259,24 @@ def test_half_batches_from_loader_workers_widen_to_the_float32_batches(qvh) -> N
     assert len(half) == len(full) and all(b.is_half for b in half)
     for h, f in zip(half, full, strict=True):
         _assert_batches_identical(h.to("cpu"), f)
+
+
+def test_persistent_workers_follow_set_epoch(qvh) -> None:
+    _, out = qvh
+
+    def epoch_of(batches_or_samples) -> dict:
+        got = {}
+        for b in batches_or_samples:
+            for q, p in zip(b.qids, b.saliency_pos_idx.tolist(), strict=True):
+                got[q] = tuple(p)
+        return got
+
+    loader = make_loader(out, 4, num_workers=2, seed=2, buffer_size=3)
+    assert loader.persistent_workers
+    first = epoch_of(loader)
+    workers = loader._iterator._workers  # the same processes serve the next epoch
+    loader.dataset.set_epoch(1)
+    second = epoch_of(loader)
+    assert loader._iterator._workers is workers
+    in_process = ShardDataset(out, seed=2, buffer_size=3, epoch=1)
+    assert second == epoch_of([collate(list(in_process))]) and second != first
