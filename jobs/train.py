@@ -543,7 +543,8 @@ def make_loaders(cfg: ExperimentConfig, rank: int, world: int, is_chief: bool):
     common = dict(max_v_l=d.max_v_l, max_q_l=d.max_q_l, max_windows=d.max_windows,
                   video_features=d.video_features, text_features=d.text_features,
                   domain=d.tvsum_domain or None, buffer_size=d.shuffle_buffer,
-                  num_workers=d.loader_workers, seed=t.seed)  # fmt: skip
+                  num_workers=d.loader_workers, seed=t.seed,
+                  half_batches=True)  # float16 to the device, widened by Batch.to  # fmt: skip
     train = make_loader(d.train, d.batch_size, rank=rank, world_size=world, shuffle=True,
                         equal_per_rank=True, **common)  # fmt: skip
     if not is_chief:

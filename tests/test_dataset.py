@@ -230,3 +230,53 @@ def test_shard_prefetcher_fetches_ahead_in_first_use_order_and_reraises():
     assert started[:3] == [3, 1, 7] and started.count(9) == 1
     with _ShardPrefetcher(fetch, [1, 2], remote=False) as local:  # local sets: no thread
         assert local.pool is None and local.get(2) == Path("/cache/2")
+
+
+def _assert_batches_identical(got, want) -> None:
+    for name in ("video", "video_mask", "text", "text_mask", "span_targets", "span_mask",
+                 "saliency_labels", "saliency_pos_idx", "saliency_neg_idx"):
+        a, b = getattr(got, name), getattr(want, name)
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        assert torch.equal(a, b), name  # bit for bit: float16 -> float32 is exact
+    assert got.video_tef is None and (got.qids, got.vids) == (want.qids, want.vids)
+
+
+def test_half_batch_widens_to_the_float32_batch_bit_for_bit(qvh) -> None:
+    _, out = qvh
+    samples = list(ShardDataset(out, shuffle=False))[:5]  # varying lengths: padding is exercised
+    full = collate(samples)
+    half = collate(samples, half=True)
+    assert half.is_half and half.video.dtype == half.text.dtype == torch.float16
+    assert half.video.shape[-1] == full.video.shape[-1] - 2  # the TEF travels in float32 beside
+    assert half.video.element_size() * half.video.numel() < full.video.nbytes / 1.9
+    _assert_batches_identical(half.to("cpu"), full)
+
+
+def test_half_batches_from_loader_workers_widen_to_the_float32_batches(qvh) -> None:
+    _, out = qvh
+    full = list(make_loader(out, 4, num_workers=2, seed=5, buffer_size=3))
+    half = list(make_loader(out, 4, num_workers=2, seed=5, buffer_size=3, half_batches=True))
+    assert len(half) == len(full) and all(b.is_half for b in half)
+    for h, f in zip(half, full, strict=True):
+        _assert_batches_identical(h.to("cpu"), f)
+
+
+def test_persistent_workers_follow_set_epoch(qvh) -> None:
+    _, out = qvh
+
+    def epoch_of(batches_or_samples) -> dict:
+        got = {}
+        for b in batches_or_samples:
+            for q, p in zip(b.qids, b.saliency_pos_idx.tolist(), strict=True):
+                got[q] = tuple(p)
+        return got
+
+    loader = make_loader(out, 4, num_workers=2, seed=2, buffer_size=3)
+    assert loader.persistent_workers
+    first = epoch_of(loader)
+    workers = loader._iterator._workers  # the same processes serve the next epoch
+    loader.dataset.set_epoch(1)
+    second = epoch_of(loader)
+    assert loader._iterator._workers is workers
+    in_process = ShardDataset(out, seed=2, buffer_size=3, epoch=1)
+    assert second == epoch_of([collate(list(in_process))]) and second != first

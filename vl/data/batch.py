@@ -29,8 +29,9 @@ class Batch:
     """
 
     video: torch.Tensor  # (B, Lv, Dv) float32, L2-normalised feature sets + 2 TEF dims
+    # (a half-precision batch: (B, Lv, Dv - 2) float16 feature sets, TEF in `video_tef`)
     video_mask: torch.Tensor  # (B, Lv) float32
-    text: torch.Tensor  # (B, Lq, Dt) float32, L2-normalised per token
+    text: torch.Tensor  # (B, Lq, Dt) float32 (float16 in a half-precision batch), L2-normalised
     text_mask: torch.Tensor  # (B, Lq) float32
     span_targets: torch.Tensor  # (B, W, 2) float32 (center, width) in [0, 1]; zeros where padded
     span_mask: torch.Tensor  # (B, W) bool, True = a real GT window
@@ -43,16 +44,42 @@ class Batch:
     queries: list[str] = field(default_factory=list)
     durations: list[float] = field(default_factory=list)  # seconds (TVSum: number of clips)
     clip_len: float = 2.0  # seconds per clip
+    video_tef: torch.Tensor | None = None  # (B, Lv, 2) float32, set only in a half batch
+
+    @property
+    def is_half(self) -> bool:
+        """True for a half-precision transport batch (`pad_batch(..., half=True)`)."""
+        return self.video_tef is not None
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
-        """Move every tensor field to `device` (metadata is left as is)."""
+        """Move every tensor field to `device` (metadata is left as is).
+
+        A half batch crosses to the device in float16 (half the bytes to pin and copy) and is
+        widened there: the float32 video gets its feature sets (float16 -> float32 is exact)
+        and the float32 TEF dims, the text is cast, so the model sees exactly the float32 batch
+        `pad_batch(..., half=False)` builds from the same float16 shard features.
+        """
         moved = {}
         for f in fields(self):
             value = getattr(self, f.name)
             if isinstance(value, torch.Tensor):
                 value = value.to(device, non_blocking=non_blocking)
             moved[f.name] = value
+        if self.video_tef is not None:
+            half_video, tef = moved["video"], moved.pop("video_tef")  # (B, Lv, D) f16, (B, Lv, 2)
+            D = half_video.shape[-1]
+            video = torch.empty(*half_video.shape[:-1], D + TEF_DIMS, device=half_video.device)
+            video[..., :D] = half_video  # (B, Lv, D) float16 -> float32
+            video[..., D:] = tef
+            moved["video"], moved["video_tef"] = video, None  # (B, Lv, D + 2) float32
+            moved["text"] = moved["text"].float()  # (B, Lq, Dt)
         return Batch(**moved)
+
+    def pin_memory(self) -> Batch:
+        """The batch with every tensor in page-locked memory (DataLoader(pin_memory=True) calls
+        this), so a following `to(cuda, non_blocking=True)` is an asynchronous copy."""
+        return replace(self, **{f.name: getattr(self, f.name).pin_memory() for f in fields(self)
+                                if isinstance(getattr(self, f.name), torch.Tensor)})
 
     def __len__(self) -> int:
         return self.video.shape[0]
@@ -97,6 +124,7 @@ def pad_batch(
     queries: Sequence[str] = (),
     durations: Sequence[float] = (),
     clip_len: float = 2.0,
+    half: bool = False,
 ) -> Batch:
     """Pad per-sample arrays to the batch maxima -> Batch (float masks, 1 = valid).
 
@@ -106,6 +134,10 @@ def pad_batch(
     (i/L, (i+1)/L) follow the video sets. Padding is zero everywhere. Span targets are padded to
     the batch's max window count (at least 1); `targets=None` (inference) gives empty spans,
     zero saliency and zero pair indices.
+
+    With `half` (needs `add_tef`) the features are written to float16 tensors instead and the
+    TEF dims to a separate float32 `video_tef`: a half batch is the loader's transport form
+    (float16 shard features are copied, not converted) and `Batch.to` widens it on the device.
     """
     if not video:
         raise ValueError("pad_batch got no samples")
@@ -117,21 +149,28 @@ def pad_batch(
     Lv, Lq = max(n_v), max(n_t)
     dv = [v.shape[1] for v in video[0]]
     dt = [t.shape[1] for t in text[0]]
-    tef = TEF_DIMS if add_tef else 0
-    out_video = _batch_tensor(B, Lv, sum(dv) + tef)  # every element is written below
+    if half and not add_tef:
+        raise ValueError("pad_batch: a half batch carries its TEF separately (add_tef=True)")
+    dtype = torch.float16 if half else torch.float32
+    tef = TEF_DIMS if add_tef and not half else 0
+    out_video = _batch_tensor(B, Lv, sum(dv) + tef, dtype=dtype)  # every element written below
+    out_tef = _batch_tensor(B, Lv, TEF_DIMS) if half else out_video  # (B, Lv, 2) | the video
+    tef_off = 0 if half else sum(dv)
     video_mask = torch.zeros(B, Lv)
-    out_text = _batch_tensor(B, Lq, sum(dt))
+    out_text = _batch_tensor(B, Lq, sum(dt), dtype=dtype)
     text_mask = torch.zeros(B, Lq)
     for i in range(B):
         if [v.shape[1] for v in video[i]] != dv or [t.shape[1] for t in text[i]] != dt:
             raise ValueError(f"sample {i} (qid {_qid(qids, i)!r}): feature dims differ from "
                              "the batch's first sample")
         L, Lt = n_v[i], n_t[i]
-        off = _write_sets(out_video[i], video[i], L)
+        _write_sets(out_video[i], video[i], L)
         if add_tef:
             start = torch.arange(L, dtype=torch.float32) / L
-            out_video[i, :L, off] = start
-            out_video[i, :L, off + 1] = start + 1.0 / L
+            out_tef[i, :L, tef_off] = start
+            out_tef[i, :L, tef_off + 1] = start + 1.0 / L
+        if half:
+            out_tef[i, L:] = 0.0
         out_video[i, L:] = 0.0
         video_mask[i, :L] = 1.0
         _write_sets(out_text[i], text[i], Lt)
@@ -144,6 +183,7 @@ def pad_batch(
         saliency_pos_idx=pos, saliency_neg_idx=neg, has_spans=has_spans,
         qids=list(qids) if qids is not None else list(range(B)), vids=list(vids),
         queries=list(queries), durations=list(durations), clip_len=clip_len,
+        video_tef=out_tef if half else None,
     )  # fmt: skip
 
 
@@ -189,8 +229,8 @@ def _qid(qids: Sequence | None, i: int) -> object:
     return qids[i] if qids is not None else i
 
 
-def _batch_tensor(*shape: int) -> torch.Tensor:
-    """An uninitialised float32 tensor for a batch (~35 MB at QVHighlights dims).
+def _batch_tensor(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """An uninitialised float32 (or `dtype`) tensor for a batch (~35 MB at QVHighlights dims).
 
     Inside a DataLoader worker it is allocated in shared memory directly (as torch's
     default_collate does), which saves copying the batch into shared memory when the worker
@@ -201,9 +241,13 @@ def _batch_tensor(*shape: int) -> torch.Tensor:
     than all the other collation work together (huge pages: 0.2 ms).
     """
     if get_worker_info() is None:
-        return torch.from_numpy(np.empty(shape, dtype=np.float32))
+        return torch.from_numpy(np.empty(shape, dtype=_NUMPY_DTYPES[dtype]))
     numel = 1
     for n in shape:
         numel *= n
-    storage = torch.empty(0)._typed_storage()._new_shared(numel)
-    return torch.empty(0).new(storage).view(*shape)
+    like = torch.empty(0, dtype=dtype)
+    storage = like._typed_storage()._new_shared(numel)
+    return like.new(storage).view(*shape)
+
+
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16}

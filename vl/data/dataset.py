@@ -14,6 +14,7 @@ import zlib
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vl.config import TEF_DIMS
@@ -45,7 +47,7 @@ from vl.data.shards import (
 )
 from vl.storage import is_remote, join_uri
 
-WHERE = "__shard_row_group__"  # a streamed row's (shard index, row group), for error messages
+WHERE = "__shard_row_group__"  # a streamed row's (shard, row group, row): errors, parse memo
 
 __all__ = ["Sample", "ShardDataset", "collate", "make_loader", "read_annotations", "sample_rng"]
 
@@ -116,9 +118,10 @@ def make_sample(
 # --- collation ----------------------------------------------------------------------------------
 
 
-def collate(samples: Sequence[Sample]) -> Batch:
+def collate(samples: Sequence[Sample], half: bool = False) -> Batch:
     """Pad a list of Samples into a Batch (`vl.data.batch.pad_batch`: feature sets
-    concatenated, 2 TEF dims appended, targets padded)."""
+    concatenated, 2 TEF dims appended, targets padded); `half` keeps the float16 shard features
+    in float16 (a half batch, widened to float32 by `Batch.to`)."""
     if not samples:
         raise ValueError("collate got an empty list")
     has_spans = {s.has_spans for s in samples}
@@ -131,7 +134,7 @@ def collate(samples: Sequence[Sample]) -> Batch:
             [s.video for s in samples], [s.text for s in samples], [s.targets for s in samples],
             has_spans=has_spans.pop(), qids=[s.qid for s in samples],
             vids=[s.vid for s in samples], queries=[s.query for s in samples],
-            durations=[s.duration for s in samples], clip_len=samples[0].clip_len,
+            durations=[s.duration for s in samples], clip_len=samples[0].clip_len, half=half,
         )  # fmt: skip
 
 
@@ -196,7 +199,10 @@ class ShardDataset(IterableDataset):
         self.max_windows = max_windows
         self.domain = domain
         self.equal_per_rank = equal_per_rank
-        self.epoch = epoch
+        # One int64 in shared memory: persistent DataLoader workers read the epoch set in the
+        # main process (a plain attribute would stay frozen in each worker's copy).
+        self._epoch = torch.tensor(epoch, dtype=torch.int64).share_memory_()
+        self._annotations: dict[tuple[int, int, int], Annotation] = {}  # per-process parse memo
         self.manifest: ShardManifest = read_manifest(uri)
         if uri.startswith("s3://"):
             import s3fs  # noqa: F401 - imported once here so forked workers do not each pay it
@@ -229,9 +235,14 @@ class ShardDataset(IterableDataset):
     def text_dim(self) -> int:
         return self.manifest.input_widths(self.video_sets, self.text_sets)[1]
 
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
+
     def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose shuffle and random targets the next iteration uses."""
-        self.epoch = epoch
+        """Select the epoch whose shuffle and random targets the next iteration uses (also in
+        persistent DataLoader workers, which read it from shared memory)."""
+        self._epoch.fill_(epoch)
 
     def __len__(self) -> int:
         """Samples this rank yields per epoch (identical on every rank with equal_per_rank)."""
@@ -361,7 +372,7 @@ class ShardDataset(IterableDataset):
                     if self.domain is not None and data["domain"][k] != self.domain:
                         continue
                     taken += 1
-                    yield {**{c: data[c][k] for c in cols}, WHERE: (u.shard, u.row_group)}
+                    yield {**{c: data[c][k] for c in cols}, WHERE: (u.shard, u.row_group, k)}
 
     def _read_group(self, pf: pq.ParquetFile, shard: int, group: int, cols: list[str]) -> pa.Table:
         """One row group; a file that does not decode fails naming the shard and row group."""
@@ -372,11 +383,21 @@ class ShardDataset(IterableDataset):
                 f"shard {join_uri(self.uri, self.manifest.shards[shard].path)}: row group {group} "
                 f"does not decode ({type(err).__name__}: {err})") from None
 
+    def _annotation(self, row: dict[str, Any]) -> Annotation:
+        """The row's parsed annotation, parsed once per process (a persistent worker's later
+        epochs reuse it: the JSON parse is a third of a warm epoch's per-sample Python work)."""
+        key = row[WHERE]
+        ann = self._annotations.get(key)
+        if ann is None:
+            ann = parse_annotation(
+                json.loads(row["annotation"]), self.dataset, clip_len=self.clip_len,
+                validate=False)  # fmt: skip
+            self._annotations[key] = ann
+        return ann
+
     def _decode(self, row: dict[str, Any], epoch: int) -> Sample:
         """Annotation JSON -> record, feature blobs -> float16 views, then targets."""
-        ann = parse_annotation(
-            json.loads(row["annotation"]), self.dataset, clip_len=self.clip_len, validate=False
-        )
+        ann = self._annotation(row)
         dims_v = {f.name: f.dim for f in self.manifest.video_features}
         dims_t = {f.name: f.dim for f in self.manifest.text_features}
         n_v, n_t = row["n_clips"], row["n_tokens"]
@@ -385,7 +406,7 @@ class ShardDataset(IterableDataset):
                      for n in self.video_sets]  # fmt: skip
             text = [decode_features(row[text_column(n)], n_t, dims_t[n]) for n in self.text_sets]
         except ValueError as err:  # a blob of the wrong length: the shard is corrupt
-            shard, group = row.get(WHERE, (-1, -1))
+            shard, group, _ = row.get(WHERE, (-1, -1, -1))
             where = self.manifest.shards[shard].path if shard >= 0 else "?"
             raise ShardCorruptError(
                 f"shard {join_uri(self.uri, where)}: row group {group}, qid {ann.qid}: feature "
@@ -476,12 +497,20 @@ def make_loader(
     num_workers: int = 0,
     drop_last: bool = False,
     prefetch_factor: int | None = 2,
+    half_batches: bool = False,
+    pin_memory: bool = False,
     **dataset_kwargs: Any,
 ) -> DataLoader:
     """A DataLoader over ShardDataset(uri, ...) collating to Batch.
 
-    Call `loader.dataset.set_epoch(e)` before iterating epoch e (workers are re-created per epoch,
-    so they see the new epoch).
+    `half_batches` collates half batches (float16 features, float32 TEF; `Batch.to` widens them
+    on the device to the float32 batch the model expects): the collate copies the stored
+    float16 instead of converting it, and half the bytes travel from workers, into pinned
+    memory and to the device. Consumers that read features without `Batch.to` want the default.
+    `pin_memory` (CUDA) pins each batch in the loader's pinning thread.
+
+    Call `loader.dataset.set_epoch(e)` before iterating epoch e. Workers persist across epochs
+    (no fork and no re-opened shards per epoch; they read the epoch from shared memory).
     """
     ds = ShardDataset(
         uri, rank=rank, world_size=world_size, shuffle=shuffle, seed=seed, **dataset_kwargs
@@ -489,9 +518,10 @@ def make_loader(
     return DataLoader(
         ds,
         batch_size=batch_size,
-        collate_fn=collate,
+        collate_fn=partial(collate, half=half_batches),
         num_workers=num_workers,
+        pin_memory=pin_memory,
         drop_last=drop_last,
-        persistent_workers=False,
+        persistent_workers=num_workers > 0,
         prefetch_factor=prefetch_factor if num_workers > 0 else None,
     )
