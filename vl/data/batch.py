@@ -106,6 +106,7 @@ class Batch:
             saliency_labels=F.pad(self.saliency_labels, (0, dv)),  # (B, max_v_l)
             text=F.pad(self.text, (0, 0, 0, dq)),  # (B, max_q_l, Dt)
             text_mask=F.pad(self.text_mask, (0, dq)),  # (B, max_q_l)
+            video_tef=None if self.video_tef is None else F.pad(self.video_tef, clip_pad),
         )
 
 
