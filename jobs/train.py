@@ -496,6 +496,16 @@ def latest_checkpoint(run_uri: str) -> tuple[ray.train.Checkpoint | None, bool]:
                                 filesystem=storage.storage_filesystem), True
 
 
+@contextlib.contextmanager
+def local_copy(checkpoint: ray.train.Checkpoint) -> Iterator[str]:
+    """The checkpoint downloaded into a directory of this process's own. Ray's
+    `as_directory` shares one temporary folder among the ranks of a node, and a rank that
+    starts late downloads into it again while an earlier one reads `state.pt` from it (seen:
+    "PytorchStreamReader failed reading file", one restart of `max_failures` spent)."""
+    with tempfile.TemporaryDirectory(prefix="vl-restore-") as local:
+        yield checkpoint.to_directory(local)
+
+
 def restore_or_init(cfg: ExperimentConfig, device: torch.device, init_from: str | None,
                     is_chief: bool, run_uri: str) -> WorkerState:  # fmt: skip
     """The model, loss and optimizer, resumed from the latest checkpoint when there is one
@@ -509,7 +519,7 @@ def restore_or_init(cfg: ExperimentConfig, device: torch.device, init_from: str 
     state = WorkerState(model, build_criterion(cfg.loss), optimizer, scheduler)
     checkpoint, unrecorded = latest_checkpoint(run_uri)
     if checkpoint is not None:
-        with checkpoint.as_directory() as ckpt_dir:
+        with local_copy(checkpoint) as ckpt_dir:
             saved = restore_training_state(ckpt_dir, model, optimizer, scheduler)
             unsent = Path(ckpt_dir) / UNSENT_METRICS_FILE
             if unsent.exists():

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import mlflow.pyfunc
 import numpy as np
+import pyarrow.fs
 import pytest
 import ray
 import torch
@@ -34,6 +35,7 @@ from jobs.train import (
     build_parser,
     check_init_weights,
     closes_run,
+    local_copy,
     main,
     manifest_digest,
     prepare,
@@ -135,6 +137,11 @@ def _epochs_trained(log: str) -> int:
     return len(re.findall(r"\bepoch \d+/\d+ loss ", log.split("Status message:")[0]))
 
 
+def _continued_epochs(log: str) -> list[int]:
+    """The 1-based epoch each (re)started worker group continued with, in order."""
+    return [int(n) for n in re.findall(r"continuing with epoch (\d+)/\d+", log)]
+
+
 def _runs(experiment: str, name: str):
     client = MlflowClient()
     exp = client.get_experiment_by_name(experiment)
@@ -151,7 +158,7 @@ def test_submit_stop_resubmit_register_and_predict(shards, stack_env, mlflow_env
     champion and the pyfunc loads and predicts."""
     name, model_name = f"e2e-{_uid()}", f"vl-test-{_uid()}"
     storage = "s3://vl-runs/test_train_job"
-    epochs = 8
+    epochs = 6
     entry = _entrypoint("--data", shards, "--storage", storage, "--name", name,
                         "--register-as", model_name, "--set", f"train.epochs={epochs}", *FAST)
     first = f"{name}-a"
@@ -182,9 +189,9 @@ def test_submit_stop_resubmit_register_and_predict(shards, stack_env, mlflow_env
     done = submit(stack_env, f"{name}-b", entry)
     log = done.stdout + done.stderr
     assert done.returncode == 0, log[-5000:]
-    resumed = [line for line in log.splitlines() if "continuing with epoch" in line]
-    assert resumed, log[-5000:]
-    first_epoch = int(resumed[0].split("continuing with epoch ")[1].split("/")[0])
+    continued = _continued_epochs(log)
+    assert continued, log[-5000:]
+    first_epoch = continued[0]
     assert first_epoch == checkpointed + 2  # right after the newest complete checkpoint
     # Epochs the stopped job finished that the resumed one trained again: none at eval_every=1
     # (a line the stopped job's log lost would only lower the count).
@@ -262,74 +269,49 @@ def _assert_each_step_logged_once(run_id: str) -> None:
         assert all(a < b for a, b in zip(steps, steps[1:])), f"{key}: steps {steps}"
 
 
-def test_killed_worker_is_replaced_and_training_resumes(shards, stack_env, mlflow_env):
-    """scale.fail_at_step: rank 1 exits hard once mid-epoch; Ray restarts the group from the
-    latest checkpoint and the job still succeeds with one MLflow run in which every epoch's
-    metrics appear exactly once, having redone at most eval_every - 1 epochs.
+def test_workers_lost_during_the_report_and_mid_epoch_resume_from_the_newest_checkpoint(
+        shards, stack_env, mlflow_env):
+    """Two faults in one job (eval_every=2 over 4 epochs, 3 steps per epoch, so epochs 1 and 3
+    (0-based) checkpoint):
 
-    eval_every=2 over 4 epochs: epoch 1 checkpoints, epoch 2 is logged without a checkpoint,
-    the fault hits epoch 3, so epoch 2 is trained (and offered to MLflow) a second time."""
-    name = f"fault-{_uid()}"
+    1. scale.fail_at_report=2: rank 1 dies once rank 0's checkpoint of epoch 1 is complete in
+       storage and before its own report reaches Ray Train, so the controller never records
+       that checkpoint. The restarted group finds it in storage and continues with epoch 2
+       (nothing redone; Ray's own latest checkpoint would be none, a restart from scratch) and
+       reports it again so Ray keeps it.
+    2. scale.fail_at_step=10: rank 1 exits hard inside epoch 3; the group restarts from that
+       adopted checkpoint, so epoch 2 is trained (and offered to MLflow) a second time: at most
+       eval_every - 1 epochs redone.
+
+    Ray starts the group exactly three times (both ranks restore their checkpoint side by side
+    without one reading a file the other is writing), one MLflow run holds every epoch's
+    metrics exactly once, and a checkpoint folder whose upload never finished is removed."""
+    name = f"faults-{_uid()}"
     epochs, eval_every, steps_per_epoch = 4, 2, 3  # 48 queries / 2 ranks / batch 8
-    fail_at = 10  # inside epoch 3 (global steps 9..11)
-    entry = _entrypoint("--data", shards, "--storage", "s3://vl-runs/test_train_job",
-                        "--name", name, "--set", f"train.epochs={epochs}",
-                        "--set", f"scale.fail_at_step={fail_at}", *FAST,
-                        "--set", f"train.eval_every={eval_every}")
-    done = submit(stack_env, name, entry)
-    log = done.stdout + done.stderr
-    assert done.returncode == 0, log[-5000:]
-    assert f"[fault injection] rank 1 exits at global step {fail_at}" in log
-    resumed = [line for line in log.splitlines() if "continuing with epoch" in line]
-    assert resumed and f"continuing with epoch 3/{epochs}" in resumed[0], log[-5000:]
-    resumed_at = int(resumed[0].split("continuing with epoch ")[1].split("/")[0]) - 1
-    redone = fail_at // steps_per_epoch - resumed_at  # completed epochs trained again
-    assert 0 <= redone <= eval_every - 1
-    assert _epochs_trained(log) == epochs + redone
-    runs = _runs("videolights-smoke", name)
-    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-
-    run_id = runs[0].info.run_id
-    client = MlflowClient()
-    history = client.get_metric_history(run_id, "train_loss")
-    assert sorted(m.step for m in history) == list(range(epochs))  # each epoch exactly once
-    assert [m.value for m in client.get_metric_history(run_id, "global_step")
-            if m.step == 0] == [steps_per_epoch]
-    assert sorted(m.step for m in client.get_metric_history(run_id, "MR-full-R1_at_0.5")) \
-        == [1, 3]
-    _assert_each_step_logged_once(run_id)
-
-
-def test_worker_lost_during_the_report_resumes_from_the_checkpoint_it_left(shards, stack_env,
-                                                                         mlflow_env):
-    """scale.fail_at_report: rank 1 dies once rank 0's checkpoint of epoch 2 is complete in
-    storage and before its own report reaches Ray Train, so the controller never records that
-    checkpoint. The restarted group finds it in storage and continues with epoch 3 (nothing
-    redone; Ray's own latest checkpoint would be none, a restart from scratch), reports it
-    again so Ray keeps it, every epoch is logged once, and a checkpoint folder whose upload
-    never finished is removed at the end."""
-    name = f"report-fault-{_uid()}"
-    epochs, eval_every, fail_at = 4, 2, 2
+    fail_at_report, fail_at_step = 2, 10  # the report of epoch 2 (1-based); global steps 9..11
     run_path = f"vl-runs/test_train_job/{name}"
     fs = _s3(stack_env)
     half = f"{run_path}/checkpoint_2000-01-01_00-00-00.000000"  # an upload cut short
     fs.pipe_file(f"{half}/state.pt", b"partial")
     entry = _entrypoint("--data", shards, "--storage", "s3://vl-runs/test_train_job",
                         "--name", name, "--set", f"train.epochs={epochs}",
-                        "--set", f"scale.fail_at_report={fail_at}", *FAST,
+                        "--set", f"scale.fail_at_report={fail_at_report}",
+                        "--set", f"scale.fail_at_step={fail_at_step}", *FAST,
                         "--set", f"train.eval_every={eval_every}")
-    done = submit(stack_env, name, entry)
-    log = done.stdout + done.stderr
+    done = submit(stack_env, name, entry, env_vars={"RAY_DEDUP_LOGS": "0"})
+    log = (done.stdout + done.stderr).split("Status message:")[0]
     assert done.returncode == 0, log[-5000:]
-    assert f"[fault injection] rank 1 exits during the report of epoch {fail_at}" in log
+    assert f"[fault injection] rank 1 exits during the report of epoch {fail_at_report}" in log
     assert "not recorded by Ray Train" in log, log[-5000:]
-    resumed = [line for line in log.splitlines() if "continuing with epoch" in line]
-    assert resumed and f"continuing with epoch {fail_at + 1}/{epochs}" in resumed[0], log[-5000:]
-    redone = fail_at - (int(resumed[0].split("continuing with epoch ")[1].split("/")[0]) - 1)
+    assert f"[fault injection] rank 1 exits at global step {fail_at_step}" in log
+    assert log.count("Started training worker group of size") == 3, log[-5000:]
+    # Both restarts continue with epoch 3 (1-based): after the adopted checkpoint of epoch 2.
+    assert _continued_epochs(log) == [fail_at_report + 1] * 2, log[-5000:]
+    redone = fail_at_step // steps_per_epoch - fail_at_report  # completed epochs trained again
     assert 0 <= redone <= eval_every - 1
     assert _epochs_trained(log) == epochs + redone
 
-    # The adopted checkpoint (epoch 2) and the last (epoch 4) are kept; the cut-short one is gone.
+    # The adopted checkpoint (epoch 1) and the last (epoch 3) are kept; the cut-short one is gone.
     kept = _checkpoints(stack_env, run_path)
     assert not fs.exists(f"{half}/state.pt")
     assert [json.loads(fs.cat_file(f"{p}/metrics.json"))["epoch"] for p in kept] == [1, 3]
@@ -340,10 +322,28 @@ def test_worker_lost_during_the_report_resumes_from_the_checkpoint_it_left(shard
     run_id = runs[0].info.run_id
     client = MlflowClient()
     assert sorted(m.step for m in client.get_metric_history(run_id, "train_loss")) \
-        == list(range(epochs))
+        == list(range(epochs))  # each epoch exactly once
+    assert [m.value for m in client.get_metric_history(run_id, "global_step")
+            if m.step == 0] == [steps_per_epoch]
     assert sorted(m.step for m in client.get_metric_history(run_id, "MR-full-R1_at_0.5")) \
         == [1, 3]
     _assert_each_step_logged_once(run_id)
+
+
+def test_each_rank_restores_from_a_copy_of_its_own(tmp_path):
+    """Ray's `as_directory` hands every rank of a node the same temporary folder, and a late
+    rank downloads into it again while another reads from it; `local_copy` gives each caller
+    its own folder, whole, removed afterwards."""
+    payload = os.urandom(1 << 16)
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "state.pt").write_bytes(payload)
+    remote = pyarrow.fs.SubTreeFileSystem(str(tmp_path), pyarrow.fs.LocalFileSystem())
+    checkpoint = ray.train.Checkpoint(path="ckpt", filesystem=remote)
+    with local_copy(checkpoint) as first, local_copy(checkpoint) as second:
+        assert first != second
+        assert (Path(first) / "state.pt").read_bytes() == payload
+        assert (Path(second) / "state.pt").read_bytes() == payload
+    assert not Path(first).exists() and not Path(second).exists()
 
 
 @pytest.fixture(scope="module")
