@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import pickle
 import signal
 import threading
 import time
@@ -134,9 +135,12 @@ def test_a_restart_waits_for_storage_to_come_back(s3):
 
 
 def test_ray_checkpoint_client_rides_out_an_outage_longer_than_pyarrow_defaults(s3, monkeypatch):
-    """arrow_filesystem (Ray Train's checkpoint storage) gets enough tries for the bound."""
+    """arrow_filesystem (Ray Train's checkpoint storage) gets enough tries for the bound, also
+    in the pickled copy Ray ships to its controller and workers (pyarrow's own pickling drops
+    the retry strategy)."""
     monkeypatch.setenv("VL_S3_RETRY_TOTAL_S", "40")
-    fs, path = arrow_filesystem(_uri("checkpoint_000001/state.pt"))
+    built, path = arrow_filesystem(_uri("checkpoint_000001/state.pt"))
+    fs = pickle.loads(pickle.dumps(built))
     with fs.open_output_stream(f"{BUCKET}/outage/warm") as f:  # connected before the outage
         f.write(b"w")
     payload = os.urandom(1 << 16)

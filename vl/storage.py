@@ -24,15 +24,13 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import Any, TypeVar
 
 import fsspec
+import pyarrow.fs
 from botocore.exceptions import ClientError, HTTPClientError
 from botocore.exceptions import ConnectionError as BotoConnectionError
 from fsspec.exceptions import FSTimeoutError
-
-if TYPE_CHECKING:
-    import pyarrow.fs
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -168,24 +166,43 @@ def _arrow_tries(policy: S3Retry) -> int:
     return max(tries, policy.max_attempts)
 
 
+class RetryingS3FileSystem(pyarrow.fs.S3FileSystem):
+    """pyarrow's S3 client that keeps its retry strategy when pickled.
+
+    `pyarrow.fs.S3FileSystem.__reduce__` drops `retry_strategy`: the copy Ray Train ships to
+    its controller and workers falls back to 3 tries, and a long outage then fails the
+    controller's snapshot write (`CreateMultipartUpload ... curlCode: 28`) whatever the client
+    was built with. This one is rebuilt from its own arguments."""
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.options = options
+
+    def __reduce__(self) -> tuple[Any, tuple[dict[str, Any]]]:
+        return _rebuild_s3, (self.options,)
+
+
+def _rebuild_s3(options: dict[str, Any]) -> RetryingS3FileSystem:
+    return RetryingS3FileSystem(**options)
+
+
 def arrow_filesystem(uri: str) -> tuple[pyarrow.fs.FileSystem | None, str]:
     """(pyarrow filesystem, path) for clients that take a pyarrow filesystem (Ray Train's
     checkpoint storage): for s3:// an S3 client with the same endpoint and keys as
     `filesystem` and tries enough to last `S3Retry.total_s` against a silent server (pyarrow's
-    default of 3 tries gives up after ~10 s, failing a checkpoint upload in a short outage); for
-    another URI (None, the URI) and for a local path (None, its absolute path), which leave the
-    client to pick its own filesystem.
+    default of 3 tries gives up after ~10 s, failing a checkpoint upload in a short outage),
+    kept in every pickled copy (`RetryingS3FileSystem`); for another URI (None, the URI) and
+    for a local path (None, its absolute path), which leave the client to pick its own
+    filesystem.
     """
     if not uri.startswith("s3://"):
         return None, uri if is_remote(uri) else filesystem(uri)[1]
-    import pyarrow.fs  # only s3:// needs it (~0.1 s at import)
-
     policy = S3Retry.from_env()
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     scheme, _, host = (endpoint or "").rpartition("://")
     strategy = (pyarrow.fs.AwsDefaultS3RetryStrategy if policy.mode == "legacy"
                 else pyarrow.fs.AwsStandardS3RetryStrategy)(max_attempts=_arrow_tries(policy))
-    fs = pyarrow.fs.S3FileSystem(
+    fs = RetryingS3FileSystem(
         access_key=os.environ.get("AWS_ACCESS_KEY_ID"),
         secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY"),
         region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
