@@ -2,10 +2,13 @@
 job and measured against a fault-free run of the same config.
 
 Faults: a worker killed mid-epoch (`scale.fail_at_step`: rank 1 exits hard, as after `kill
--9`), a worker lost during the report of an evaluation epoch (`scale.fail_at_report`), the S3
-server (SeaweedFS) paused 30 s and 90 s (SIGSTOP) after the first checkpoint, the MLflow server
-paused 30 s, `ray job stop` after the first checkpoint then a resubmit with the same --name, and a
-resubmit with a changed config (which must be refused with exit 2, the run untouched).
+-9`), a worker lost during the report of an evaluation epoch (`scale.fail_at_report`), a whole
+node lost (a second `ray start --address` node on this machine holds rank 1 under
+`scale.placement_strategy=SPREAD` and is SIGKILLed, raylet and workers, after the first
+checkpoint), the S3 server (SeaweedFS) paused 30 s and 90 s (SIGSTOP) after the first
+checkpoint, the MLflow server paused 30 s, `ray job stop` after the first checkpoint then a
+resubmit with the same --name, and a resubmit with a changed config (which must be refused with
+exit 2, the run untouched).
 
 Per fault one JSON line: survived (the job succeeded, or, for the changed config, was
 refused), epochs_redone (epochs trained beyond the config's, from rank 0's progress lines),
@@ -37,7 +40,7 @@ from mlflow.tracking import MlflowClient
 from ray.job_submission import JobStatus, JobSubmissionClient
 
 from cluster.local.common import WORKING_DIR_EXCLUDES, wait_for
-from cluster.local.ray_head import session_members
+from cluster.local.ray_head import session_members, start_ray_worker_node
 from cluster.local.stack import LocalStack
 from jobs.shard import run as shard_run
 from vl.checkpoint import complete_checkpoints
@@ -47,8 +50,8 @@ REPO = Path(__file__).resolve().parents[1]
 STORAGE = "s3://vl-runs/faults"
 EXPERIMENT = "videolights-smoke"
 STEPS_PER_EPOCH = 3  # 48 train queries / 2 ranks / batch 8
-FAULTS = ("worker_kill_mid_epoch", "worker_kill_during_report", "s3_outage", "s3_outage_90s",
-          "mlflow_outage", "job_stop_resubmit", "resubmit_changed_config")
+FAULTS = ("worker_kill_mid_epoch", "worker_kill_during_report", "node_kill", "s3_outage",
+          "s3_outage_90s", "mlflow_outage", "job_stop_resubmit", "resubmit_changed_config")
 LONG_OUTAGE_S = 90.0  # s3_outage_90s: longer than one request's retries, within VL_S3_RETRY_TOTAL_S
 
 
@@ -157,6 +160,25 @@ def run_fault(bench: Bench, fault: str, pause_s: float) -> dict[str, Any]:
                            f"scale.fail_at_step={bench.eval_every * STEPS_PER_EPOCH + 1}")
     elif fault == "worker_kill_during_report":
         job = bench.submit(name, "--set", f"scale.fail_at_report={bench.eval_every}")
+    elif fault == "node_kill":
+        # A second node (1 CPU) joins; SPREAD puts rank 1 on it; once the first checkpoint is
+        # in storage the whole node is killed (raylet and workers, SIGKILL). The head's 2 CPUs
+        # then hold both ranks of the restarted group.
+        stack_env = {**bench.stack.s3.env(), **bench.stack.mlflow.env()}
+        node = start_ray_worker_node(bench.stack.ray, stack_env, num_cpus=1)
+        try:
+            job = bench.submit(name, "--set", "scale.placement_strategy=SPREAD")
+            bench.wait_first_checkpoint(name)
+            node.kill()
+            extra["node_killed_after_s"] = round(time.monotonic() - t0, 1)
+            status = bench.wait(job)
+        finally:
+            node.stop()
+        log = bench.jobs.get_job_logs(job)
+        extra["ranks_on_the_second_node"] = log.count("node_rank=1")
+        return {"fault": fault, "survived": status == JobStatus.SUCCEEDED, "name": name,
+                "wall_s": round(time.monotonic() - t0, 1), "logs": [log],
+                "steps": metric_steps(name), **extra}
     elif fault in ("s3_outage", "s3_outage_90s", "mlflow_outage"):
         job = bench.submit(name)
         bench.wait_first_checkpoint(name)

@@ -807,7 +807,8 @@ def build_trainer(plan: JobPlan, run_id: str, use_gpu: bool):
                            "init_from": plan.init_from},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=scale.num_workers, use_gpu=use_gpu,
-                                     resources_per_worker=resources),
+                                     resources_per_worker=resources,
+                                     placement_strategy=scale.placement_strategy),
         run_config=RunConfig(
             name=plan.name,
             storage_path=storage_path,

@@ -27,6 +27,7 @@ from ray.job_submission import JobStatus, JobSubmissionClient
 from torch._utils import ExceptionWrapper
 
 from cluster.local.common import free_port, wait_for
+from cluster.local.ray_head import start_ray_worker_node
 from jobs.predict import main as predict_main
 from jobs.predict import shard_inputs
 from jobs.preflight import PreflightError, check_capacity, check_data
@@ -142,6 +143,14 @@ def _continued_epochs(log: str) -> list[int]:
     return [int(n) for n in re.findall(r"continuing with epoch (\d+)/\d+", log)]
 
 
+def _job_client(env: dict[str, str]) -> JobSubmissionClient:
+    """The job API client in-process, its token in an explicit header rather than RAY_AUTH_*
+    in this process: Ray caches its auth mode per process, and other tests in the session run
+    Ray with auth disabled."""
+    token = Path(env["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
+    return JobSubmissionClient(env["RAY_ADDRESS"], headers={"Authorization": f"Bearer {token}"})
+
+
 def _runs(experiment: str, name: str):
     client = MlflowClient()
     exp = client.get_experiment_by_name(experiment)
@@ -167,12 +176,8 @@ def test_submit_stop_resubmit_register_and_predict(shards, stack_env, mlflow_env
     run_path = f"vl-runs/test_train_job/{name}"
     # The job API client in-process: stopping must come right after the first checkpoint (a
     # `ray job stop` subprocess takes seconds to import on a loaded machine).
-    # The token goes in an explicit header rather than RAY_AUTH_* in this process: Ray caches
-    # its auth mode per process, and other tests in the session run Ray with auth disabled.
 
-    token = Path(stack_env["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
-    jobs = JobSubmissionClient(stack_env["RAY_ADDRESS"],
-                               headers={"Authorization": f"Bearer {token}"})
+    jobs = _job_client(stack_env)
     run_uri = f"{storage}/{name}"
     try:
         wait_for(lambda: _newest_complete_epoch(stack_env, run_uri) is not None, 180,
@@ -327,6 +332,46 @@ def test_workers_lost_during_the_report_and_mid_epoch_resume_from_the_newest_che
             if m.step == 0] == [steps_per_epoch]
     assert sorted(m.step for m in client.get_metric_history(run_id, "MR-full-R1_at_0.5")) \
         == [1, 3]
+    _assert_each_step_logged_once(run_id)
+
+
+def test_a_lost_node_costs_its_rank_and_the_job_finishes_on_the_nodes_left(
+        shards, stack_env, mlflow_env, ray_head, s3_server, mlflow_server):
+    """A second Ray node (1 CPU) joins the head; scale.placement_strategy=SPREAD puts rank 1 on
+    it; once the first checkpoint is complete in storage the node dies (its raylet and every
+    process on it SIGKILLed, as a machine that is lost). Ray Train restarts the group on the
+    head's 2 CPUs from the newest checkpoint, within scale.max_failures, and the job finishes:
+    one MLflow run, every epoch's metrics exactly once."""
+    name = f"node-{_uid()}"
+    epochs = 4
+    entry = _entrypoint("--data", shards, "--storage", "s3://vl-runs/test_train_job",
+                        "--name", name, "--set", f"train.epochs={epochs}",
+                        "--set", "scale.placement_strategy=SPREAD", *FAST)
+    jobs = _job_client(stack_env)
+    node = start_ray_worker_node(ray_head, {**s3_server.env(), **mlflow_server.env()},
+                                 num_cpus=1)
+    try:
+        started = submit(stack_env, name, entry, wait=False,
+                         env_vars={"RAY_DEDUP_LOGS": "0"})
+        assert started.returncode == 0, started.stderr[-3000:]
+        wait_for(lambda: _newest_complete_epoch(stack_env, f"s3://vl-runs/test_train_job/{name}")
+                 is not None, 180, "first checkpoint", poll_s=0.2)
+        node.kill()
+        wait_for(lambda: jobs.get_job_status(name).is_terminal(), 240, "the job")
+    finally:
+        node.stop()
+    log = jobs.get_job_logs(name)
+    assert jobs.get_job_status(name) == JobStatus.SUCCEEDED, log[-5000:]
+    groups = log.split("Started training worker group of size")[1:]
+    assert len(groups) == 2, log[-5000:]
+    assert "node_rank=1" in groups[0] and "node_rank=1" not in groups[1], log[-5000:]
+    continued = _continued_epochs(log)
+    assert len(continued) == 1 and continued[0] >= 2, log[-5000:]
+    runs = _runs("videolights-smoke", name)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    run_id = runs[0].info.run_id
+    assert sorted(m.step for m in MlflowClient().get_metric_history(run_id, "train_loss")) \
+        == list(range(epochs))
     _assert_each_step_logged_once(run_id)
 
 
@@ -567,7 +612,9 @@ def _runs_or_none(experiment: str, name: str) -> list:
 @pytest.mark.parametrize("override,key", [("train.lr=nan", "train.lr"),
                                           ("train.lr=0", "train.lr"),
                                           ("train.lr_drop=0", "train.lr_drop"),
-                                          ("data.batch_size=-8", "data.batch_size")])
+                                          ("data.batch_size=-8", "data.batch_size"),
+                                          ("scale.placement_strategy=ANYWHERE",
+                                           "scale.placement_strategy")])
 def test_impossible_training_values_exit_2_before_anything(override, key, capsys):
     code, err = _train_main(["--config", "configs/smoke.yaml", "--data", "s3://vl-data/x",
                              "--set", override], capsys)

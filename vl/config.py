@@ -196,6 +196,9 @@ class TrainConfig:
     selection_metric: str = ""  # empty: the dataset's default (EVAL_SPEC section 5)
 
 
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray's names
+
+
 @dataclass
 class ScaleConfig:
     """How a run is spread over a Ray cluster. Only `jobs/` reads this section: the core
@@ -206,6 +209,9 @@ class ScaleConfig:
     cpus_per_worker: float = 1.0  # also each worker's torch threads
     keep_checkpoints: int = 2  # best checkpoints Ray keeps (by the selection metric)
     max_failures: int = 2  # worker-group restarts before the run fails
+    # how Ray places the workers: PACK fills a node first; SPREAD puts them on different nodes
+    # where it can (a lost node then costs one rank, not all); STRICT_* refuse otherwise
+    placement_strategy: str = "PACK"
     fail_at_step: int = -1  # fault injection for tests: rank 1 exits once at this global step
     # fault injection for tests: rank 1 exits once during the report of this epoch (1-based, an
     # evaluation epoch), after rank 0's checkpoint is in storage and before Ray Train records it
@@ -341,6 +347,9 @@ class ExperimentConfig:
             raise bad("train.eval_every", f"must be >= 1, got {t.eval_every}")
         if self.scale.num_workers < 1:
             raise bad("scale.num_workers", f"must be >= 1, got {self.scale.num_workers}")
+        if self.scale.placement_strategy not in PLACEMENT_STRATEGIES:
+            raise bad("scale.placement_strategy", "must be one of "
+                      f"{', '.join(PLACEMENT_STRATEGIES)}, got {self.scale.placement_strategy!r}")
         if d.loader_workers < 0:
             raise bad("data.loader_workers", f"must be >= 0, got {d.loader_workers}")
         if t.grad_clip < 0:

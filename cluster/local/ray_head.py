@@ -9,9 +9,11 @@ to signal *its* process session (see `stop_session`).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -326,3 +328,102 @@ def _head_env(env: dict[str, str] | None, home: Path, token_path: Path) -> dict[
         }
     )
     return child_env
+
+
+# The ports a worker node's `ray start` opens besides its workers' (the GCS is the head's).
+_NODE_PORTS = (
+    "node-manager-port",
+    "object-manager-port",
+    "metrics-export-port",
+    "runtime-env-agent-port",
+    "dashboard-agent-grpc-port",
+    "dashboard-agent-listen-port",
+)
+# A worker node's own worker port range: two raylets on one host must not hand out one port
+# twice (the head keeps Ray's default, 10002-19999; the fixed ports are in 20000-40000).
+_NODE_WORKER_PORTS = (40001, 40999)
+
+
+def loopback_name() -> str:
+    """A name of this machine that resolves to 127.0.0.1 but is not spelled as loopback, for a
+    node joining the loopback head: Ray replaces a literal 127.0.0.1 / localhost in the join
+    address by the machine's routed IP (where the head does not listen) once multi-node is
+    enabled, which joining needs."""
+    for name in dict.fromkeys([socket.gethostname(), socket.getfqdn()]):
+        with contextlib.suppress(OSError):
+            if name not in ("localhost", "127.0.0.1") and \
+                    socket.gethostbyname(name) == "127.0.0.1":
+                return name
+    raise RuntimeError("no name of this machine resolves to 127.0.0.1 (see /etc/hosts): a "
+                       "second Ray node cannot join the loopback head")
+
+
+@dataclass
+class RayWorkerNode:
+    """A second Ray node on this machine, joined to a `RayHead`: what a multi-node cluster
+    looks like to Ray (its own raylet, CPUs and workers), for node-loss runs."""
+
+    pid: int
+    log_path: Path
+    start_ticks: int | None = None
+    popen: subprocess.Popen | None = field(default=None, repr=False)
+
+    def kill(self) -> None:
+        """SIGKILL the node's raylet and every process on it at once: a machine that dies."""
+        for member in session_members(self.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(member, signal.SIGKILL)
+        if self.popen is not None:
+            self.popen.wait()
+
+    def stop(self, grace_s: float = 15.0) -> None:
+        stop_session(self.pid, grace_s=grace_s, popen=self.popen, start_ticks=self.start_ticks)
+
+
+def start_ray_worker_node(
+    head: RayHead,
+    env: dict[str, str] | None = None,
+    num_cpus: int = 1,
+    resources: dict[str, float] | None = None,
+    timeout_s: float = 60.0,
+) -> RayWorkerNode:
+    """`ray start --address` a worker node with `num_cpus` CPUs (and custom `resources`) into
+    `head`'s cluster, in its own session, with the head's environment rules (`env`, token
+    auth, no telemetry); returns once its raylet is up."""
+    ports = {name: free_port(_PORT_LOW, _PORT_HIGH) for name in _NODE_PORTS}
+    if len(set(ports.values())) != len(ports):
+        return start_ray_worker_node(head, env, num_cpus, resources, timeout_s)
+    # Its own temp dir: two nodes sharing one session folder each forward the other's worker
+    # logs too, and every line of a job's log would arrive twice.
+    node_dir = private_dir(head.temp_dir / "rn")  # as short as the head's (socket paths)
+    ray_bin = Path(sys.executable).with_name("ray")
+    command = [
+        str(ray_bin) if ray_bin.exists() else "ray", "start",
+        f"--address={loopback_name()}:{head.gcs_port}", "--block", f"--num-cpus={num_cpus}",
+        "--num-gpus=0", "--node-ip-address=127.0.0.1", f"--temp-dir={node_dir}",
+        "--disable-usage-stats", f"--resources={json.dumps(resources or {})}",
+        f"--min-worker-port={_NODE_WORKER_PORTS[0]}", f"--max-worker-port={_NODE_WORKER_PORTS[1]}",
+        *(f"--{name}={port}" for name, port in ports.items()),
+    ]  # fmt: skip
+    log_path = head.temp_dir / f"ray-node-{ports['node-manager-port']}.log"
+    with open(log_path, "ab") as log:
+        popen = subprocess.Popen(
+            command, env={**_head_env(env, head.temp_dir / "home", head.token_path),
+                          "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"},  # joining is multi-node
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True)  # fmt: skip
+    node = RayWorkerNode(pid=popen.pid, log_path=log_path,
+                         start_ticks=process_start_ticks(popen.pid), popen=popen)
+
+    def ready() -> bool:
+        if popen.poll() is not None:
+            raise RuntimeError(f"ray start (worker node) exited with code {popen.returncode}; "
+                               f"see {log_path}:\n" + log_path.read_text(errors="replace")[-3000:])
+        return _raylet_ready(ports["dashboard-agent-listen-port"])
+
+    try:
+        wait_for(ready, timeout_s, f"Ray worker node (log {log_path})")
+    except BaseException:
+        node.stop()
+        raise
+    return node
