@@ -175,7 +175,10 @@ def run_fault(bench: Bench, fault: str, pause_s: float) -> dict[str, Any]:
         finally:
             node.stop()
         log = bench.jobs.get_job_logs(job)
-        extra["ranks_on_the_second_node"] = log.count("node_rank=1")
+        # the first group's ranks on two nodes, so the kill took one (the log names node_rank=1
+        # again in the failure it reports, hence the first group's lines only)
+        first_group = log.split("Started training worker group of size")[1:2]
+        extra["spread_over_two_nodes"] = any("node_rank=1" in g for g in first_group)
         return {"fault": fault, "survived": status == JobStatus.SUCCEEDED, "name": name,
                 "wall_s": round(time.monotonic() - t0, 1), "logs": [log],
                 "steps": metric_steps(name), **extra}
