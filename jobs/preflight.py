@@ -9,11 +9,13 @@ do; the job's `main` turns it into one stderr line and exit code 2.
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass
 
 import ray
 
 from vl.config import ConfigError, ExperimentConfig
+from vl.data.dataset import ShardDataset
 from vl.data.shards import ShardManifest, read_manifest
 from vl.storage import S3Retry, StorageConfigError, filesystem, is_remote
 from vl.tracking import TrackingServerUnavailableError, check_tracking_server
@@ -98,6 +100,24 @@ def check_data(cfg: ExperimentConfig) -> DataShape:
     )
 
 
+def check_split(cfg: ExperimentConfig) -> None:
+    """Every one of the scale.num_workers ranks gets training samples. The ranks split the
+    train shards (by file, or by row group when there are fewer files than ranks) exactly as the
+    workers will: a rank left empty would fail inside the job, after the run was opened, and
+    again on every restart."""
+    workers = cfg.scale.num_workers
+    if workers <= 1:
+        return
+    d = cfg.data
+    with tempfile.TemporaryDirectory(prefix="vl-split-") as cache:  # a TVSum domain reads files
+        try:
+            ShardDataset(d.train, rank=0, world_size=workers, seed=cfg.train.seed,
+                         video_features=d.video_features, text_features=d.text_features,
+                         domain=d.tvsum_domain or None, equal_per_rank=True, cache_dir=cache)
+        except ValueError as err:
+            raise PreflightError(f"{err} (scale.num_workers={workers})") from None
+
+
 def check_storage(storage: str) -> None:
     """The checkpoint storage is usable: for s3:// the bucket exists and answers."""
     if not is_remote(storage):
@@ -169,6 +189,23 @@ def use_driver_address(address: str | None) -> None:
         os.environ["RAY_ADDRESS"] = address
     else:
         os.environ.pop("RAY_ADDRESS", None)
+
+
+def init_ray(explicit: str | None = None, **init_kwargs) -> None:
+    """`ray.init` for a driver that may run in the caller's process (a search, the seeds run):
+    at `explicit`, else at `driver_address()`, else on a new local cluster (without a
+    dashboard: it lives as long as this driver). RAY_ADDRESS is pointed at that address only
+    while Ray starts (Ray reads it even when given an address, and rejects the job API URL),
+    then put back. PreflightError: the job API URL without the GCS address beside it."""
+    address = explicit or driver_address()
+    if address is None:
+        init_kwargs.setdefault("include_dashboard", False)
+    saved = os.environ.get("RAY_ADDRESS")
+    use_driver_address(address)
+    try:
+        ray.init(address=address, **init_kwargs)
+    finally:
+        use_driver_address(saved)
 
 
 def check_capacity(num_workers: int, cpus_per_worker: float, node_cpus: list[float], *,

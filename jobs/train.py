@@ -57,6 +57,7 @@ from jobs.preflight import (
     PreflightError,
     check_cluster_capacity,
     check_data,
+    check_split,
     check_storage,
     check_tracking,
     config_error,
@@ -215,6 +216,7 @@ def prepare(args: argparse.Namespace) -> JobPlan:
     cfg.model.video_dim, cfg.model.text_dim = shape.video_dim, shape.text_dim
     cfg.data.clip_len = shape.clip_len
     cfg.validate(str(args.config))
+    check_split(cfg)
     check_storage(args.storage)
     check_tracking()
     if args.init_from:

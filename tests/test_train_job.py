@@ -1,5 +1,6 @@
-"""jobs.train against the real local stack: ray job submit, stop and resubmit, a killed worker,
-the registry, and bad input failing fast before any worker starts.
+"""jobs.train against the real local stack: ray job submit, stop and resubmit, the registry, a
+NaN loss, and bad input failing fast before any worker starts (lost workers and nodes:
+test_train_faults.py).
 
 One small synthetic QVHighlights-shaped dataset (tiny dims) is sharded to S3 once per module.
 """
@@ -8,12 +9,10 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import mlflow.pyfunc
@@ -23,15 +22,13 @@ import pytest
 import ray
 import torch
 from mlflow.tracking import MlflowClient
-from ray.job_submission import JobStatus, JobSubmissionClient
+from ray.job_submission import JobStatus
 from torch._utils import ExceptionWrapper
 
 from cluster.local.common import free_port, wait_for
-from cluster.local.ray_head import start_ray_worker_node
 from jobs.predict import main as predict_main
 from jobs.predict import shard_inputs
 from jobs.preflight import PreflightError, check_capacity, check_data
-from jobs.shard import run as shard_run
 from jobs.train import (
     build_parser,
     check_init_weights,
@@ -46,36 +43,32 @@ from jobs.train import (
     write_run_record,
 )
 from tests.jobs import client_env, submit
+from tests.train_runs import (
+    DIMS,
+    FAST,
+    assert_each_step_logged_once,
+    checkpoint_folders,
+    checkpoints,
+    continued_epochs,
+    entrypoint,
+    epochs_trained,
+    job_client,
+    make_shards,
+    newest_complete_epoch,
+    runs_named,
+    s3,
+    shard_to_s3,
+    uid,
+)
 from vl import tracking
-from vl.checkpoint import complete_checkpoints
 from vl.config import ExperimentConfig
 from vl.data.shards import ShardCorruptError, read_manifest
 from vl.data.synthetic import SyntheticConfig, generate
 from vl.model import build_model
 
 REPO = Path(__file__).resolve().parents[1]
-DIMS = {"slowfast": 8, "clip": 8}
-FAST = ["--set", "train.eval_every=1", "--set", "data.batch_size=8", "--set",
-        "data.eval_batch_size=32"]
 
 pytestmark = pytest.mark.integration
-
-
-def _uid() -> str:
-    return uuid.uuid4().hex[:8]
-
-
-def _shard_to_s3(layout, prefix: str, stack_env: dict, rows_per_shard: int) -> str:
-    """Shard both splits of a synthetic layout to prefix/{train,val} on the stack's S3."""
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in stack_env.items():
-            mp.setenv(key, value)
-        for split, jsonl in (("train", layout.train_jsonl), ("val", layout.val_jsonl)):
-            shard_run(dataset="qvhighlights", annotations=str(jsonl),
-                      video_features=layout.video_arg(), text_features=layout.text_arg(),
-                      out=f"{prefix}/{split}", rows_per_shard=rows_per_shard, ray_mode="off",
-                      log=lambda *_: None)
-    return prefix
 
 
 @pytest.fixture(scope="module")
@@ -85,77 +78,7 @@ def stack_env(local_stack_env: dict[str, str]) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def shards(stack_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> str:
-    """s3://vl-data/test_train_job/<uid> holding train/ (48 queries) and val/ (16 queries)."""
-    layout = generate(
-        SyntheticConfig("qvhighlights", videos=32, seed=3, dims=DIMS,
-                        video_sets=("slowfast", "clip"), text_sets=("clip",), val_fraction=0.25),
-        tmp_path_factory.mktemp("synthetic"),
-    )
-    return _shard_to_s3(layout, f"s3://vl-data/test_train_job/{_uid()}", stack_env, 12)
-
-
-def _entrypoint(*args: str) -> list[str]:
-    # The local head's PATH may not hold the venv: name its interpreter explicitly.
-    return [sys.executable, "-m", "jobs.train", "--config", "configs/smoke.yaml", *args]
-
-
-def _s3(env: dict[str, str]):
-    import s3fs
-
-    return s3fs.S3FileSystem(endpoint_url=env["AWS_ENDPOINT_URL"], key=env["AWS_ACCESS_KEY_ID"],
-                             secret=env["AWS_SECRET_ACCESS_KEY"], skip_instance_cache=True)
-
-
-def _checkpoints(env: dict[str, str], run_path: str) -> list[str]:
-    fs = _s3(env)
-    if not fs.exists(run_path):
-        return []
-    return sorted(p for p in fs.ls(run_path, refresh=True)
-                  if Path(p).name.startswith("checkpoint_") and fs.exists(f"{p}/state.pt"))
-
-
-def _checkpoint_folders(env: dict[str, str], run_path: str) -> list[str]:
-    """The checkpoint folders under a run's storage that hold any object (SeaweedFS goes on
-    listing a folder whose objects were deleted)."""
-    fs = _s3(env)
-    return sorted(Path(p).name for p in fs.ls(run_path, refresh=True)
-                  if Path(p).name.startswith("checkpoint_") and fs.isdir(p)
-                  and any(f.rstrip("/") != p.rstrip("/") for f in fs.find(p)))
-
-
-def _newest_complete_epoch(env: dict[str, str], run_uri: str) -> int | None:
-    """The epoch (0-based) of the newest complete (sealed) checkpoint in a run's storage."""
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in env.items():
-            mp.setenv(key, value)
-        found = complete_checkpoints(run_uri)
-    return found[-1][1]["epoch"] if found else None
-
-
-def _epochs_trained(log: str) -> int:
-    """Rank 0's progress lines ("epoch K/N loss ..."), one per epoch trained (without the log
-    tail the CLI repeats after "Status message:")."""
-    return len(re.findall(r"\bepoch \d+/\d+ loss ", log.split("Status message:")[0]))
-
-
-def _continued_epochs(log: str) -> list[int]:
-    """The 1-based epoch each (re)started worker group continued with, in order."""
-    return [int(n) for n in re.findall(r"continuing with epoch (\d+)/\d+", log)]
-
-
-def _job_client(env: dict[str, str]) -> JobSubmissionClient:
-    """The job API client in-process, its token in an explicit header rather than RAY_AUTH_*
-    in this process: Ray caches its auth mode per process, and other tests in the session run
-    Ray with auth disabled."""
-    token = Path(env["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
-    return JobSubmissionClient(env["RAY_ADDRESS"], headers={"Authorization": f"Bearer {token}"})
-
-
-def _runs(experiment: str, name: str):
-    client = MlflowClient()
-    exp = client.get_experiment_by_name(experiment)
-    assert exp is not None, f"no MLflow experiment {experiment!r}"
-    return client.search_runs([exp.experiment_id], filter_string=f"tags.`vl.run_name` = '{name}'")
+    return make_shards(stack_env, tmp_path_factory.mktemp("synthetic"))
 
 
 def test_submit_stop_resubmit_register_and_predict(shards, stack_env, mlflow_env, tmp_path,
@@ -165,10 +88,10 @@ def test_submit_stop_resubmit_register_and_predict(shards, stack_env, mlflow_env
     -> it resumes right after the newest complete checkpoint (nothing redone at eval_every=1),
     ONE MLflow run holds every epoch exactly once, the best checkpoint is registered as
     champion and the pyfunc loads and predicts."""
-    name, model_name = f"e2e-{_uid()}", f"vl-test-{_uid()}"
+    name, model_name = f"e2e-{uid()}", f"vl-test-{uid()}"
     storage = "s3://vl-runs/test_train_job"
     epochs = 6
-    entry = _entrypoint("--data", shards, "--storage", storage, "--name", name,
+    entry = entrypoint("--data", shards, "--storage", storage, "--name", name,
                         "--register-as", model_name, "--set", f"train.epochs={epochs}", *FAST)
     first = f"{name}-a"
     started = submit(stack_env, first, entry, wait=False)
@@ -177,43 +100,43 @@ def test_submit_stop_resubmit_register_and_predict(shards, stack_env, mlflow_env
     # The job API client in-process: stopping must come right after the first checkpoint (a
     # `ray job stop` subprocess takes seconds to import on a loaded machine).
 
-    jobs = _job_client(stack_env)
+    jobs = job_client(stack_env)
     run_uri = f"{storage}/{name}"
     try:
-        wait_for(lambda: _newest_complete_epoch(stack_env, run_uri) is not None, 180,
+        wait_for(lambda: newest_complete_epoch(stack_env, run_uri) is not None, 180,
                  "first checkpoint", poll_s=0.2)
     finally:
         jobs.stop_job(first)
     wait_for(lambda: jobs.get_job_status(first).is_terminal(), 60, "the stopped job")
     assert jobs.get_job_status(first) == JobStatus.STOPPED
-    checkpointed = _newest_complete_epoch(stack_env, run_uri)
-    trained_first = _epochs_trained(jobs.get_job_logs(first))
+    checkpointed = newest_complete_epoch(stack_env, run_uri)
+    trained_first = epochs_trained(jobs.get_job_logs(first))
     # the stopped job closed its MLflow run (KILLED), rather than leaving it RUNNING
-    assert [r.info.status for r in _runs("videolights-smoke", name)] == ["KILLED"]
+    assert [r.info.status for r in runs_named("videolights-smoke", name)] == ["KILLED"]
 
     done = submit(stack_env, f"{name}-b", entry)
     log = done.stdout + done.stderr
     assert done.returncode == 0, log[-5000:]
-    continued = _continued_epochs(log)
+    continued = continued_epochs(log)
     assert continued, log[-5000:]
     first_epoch = continued[0]
     assert first_epoch == checkpointed + 2  # right after the newest complete checkpoint
     # Epochs the stopped job finished that the resumed one trained again: none at eval_every=1
     # (a line the stopped job's log lost would only lower the count).
     assert trained_first - (first_epoch - 1) <= 0
-    assert _epochs_trained(log) == epochs - (first_epoch - 1)
+    assert epochs_trained(log) == epochs - (first_epoch - 1)
     assert f"epoch {epochs}/{epochs}" in log
 
     # Checkpoints on S3: Ray's kept set (the best two and the latest), nothing else left
     # behind; the newest is the last epoch's and carries its evaluation.
-    kept = _checkpoints(stack_env, run_path)
+    kept = checkpoints(stack_env, run_path)
     assert 1 <= len(kept) <= 3
-    assert _checkpoint_folders(stack_env, run_path) == [Path(p).name for p in kept]
-    newest = json.loads(_s3(stack_env).cat_file(f"{kept[-1]}/metrics.json"))
+    assert checkpoint_folders(stack_env, run_path) == [Path(p).name for p in kept]
+    newest = json.loads(s3(stack_env).cat_file(f"{kept[-1]}/metrics.json"))
     assert newest["epoch"] == epochs - 1 and "MR-full-R1_at_0.5" in newest
 
     # One MLflow run, FINISHED, with every epoch's metrics and the artifacts.
-    runs = _runs("videolights-smoke", name)
+    runs = runs_named("videolights-smoke", name)
     assert len(runs) == 1
     run = runs[0]
     assert run.info.status == "FINISHED"
@@ -223,7 +146,7 @@ def test_submit_stop_resubmit_register_and_predict(shards, stack_env, mlflow_env
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id,
                                                             "MR-full-R1_at_0.5")) \
         == list(range(epochs))
-    _assert_each_step_logged_once(run.info.run_id)
+    assert_each_step_logged_once(run.info.run_id)
     for key in ("train_loss_span", "train_loss_saliency", "lr", "samples_per_s", "val_loss"):
         assert key in run.data.metrics, key
     assert any(key.startswith("system/cpu") for key in run.data.metrics)  # system metrics
@@ -263,118 +186,6 @@ def test_submit_stop_resubmit_register_and_predict(shards, stack_env, mlflow_env
     assert len(pred_file.read_text().splitlines()) == 16
 
 
-def _assert_each_step_logged_once(run_id: str) -> None:
-    """Every metric key's history, in logging order, has strictly increasing steps: no epoch
-    logged twice by a resumed attempt (MLflow cannot delete a metric point afterwards)."""
-    client = MlflowClient()
-    for key in client.get_run(run_id).data.metrics:
-        history = sorted(client.get_metric_history(run_id, key),
-                         key=lambda m: (m.timestamp, m.step))
-        steps = [m.step for m in history]
-        assert all(a < b for a, b in zip(steps, steps[1:])), f"{key}: steps {steps}"
-
-
-def test_workers_lost_during_the_report_and_mid_epoch_resume_from_the_newest_checkpoint(
-        shards, stack_env, mlflow_env):
-    """Two faults in one job (eval_every=2 over 4 epochs, 3 steps per epoch, so epochs 1 and 3
-    (0-based) checkpoint):
-
-    1. scale.fail_at_report=2: rank 1 dies once rank 0's checkpoint of epoch 1 is complete in
-       storage and before its own report reaches Ray Train, so the controller never records
-       that checkpoint. The restarted group finds it in storage and continues with epoch 2
-       (nothing redone; Ray's own latest checkpoint would be none, a restart from scratch) and
-       reports it again so Ray keeps it.
-    2. scale.fail_at_step=10: rank 1 exits hard inside epoch 3; the group restarts from that
-       adopted checkpoint, so epoch 2 is trained (and offered to MLflow) a second time: at most
-       eval_every - 1 epochs redone.
-
-    Ray starts the group exactly three times (both ranks restore their checkpoint side by side
-    without one reading a file the other is writing), one MLflow run holds every epoch's
-    metrics exactly once, and a checkpoint folder whose upload never finished is removed."""
-    name = f"faults-{_uid()}"
-    epochs, eval_every, steps_per_epoch = 4, 2, 3  # 48 queries / 2 ranks / batch 8
-    fail_at_report, fail_at_step = 2, 10  # the report of epoch 2 (1-based); global steps 9..11
-    run_path = f"vl-runs/test_train_job/{name}"
-    fs = _s3(stack_env)
-    half = f"{run_path}/checkpoint_2000-01-01_00-00-00.000000"  # an upload cut short
-    fs.pipe_file(f"{half}/state.pt", b"partial")
-    entry = _entrypoint("--data", shards, "--storage", "s3://vl-runs/test_train_job",
-                        "--name", name, "--set", f"train.epochs={epochs}",
-                        "--set", f"scale.fail_at_report={fail_at_report}",
-                        "--set", f"scale.fail_at_step={fail_at_step}", *FAST,
-                        "--set", f"train.eval_every={eval_every}")
-    done = submit(stack_env, name, entry, env_vars={"RAY_DEDUP_LOGS": "0"})
-    log = (done.stdout + done.stderr).split("Status message:")[0]
-    assert done.returncode == 0, log[-5000:]
-    assert f"[fault injection] rank 1 exits during the report of epoch {fail_at_report}" in log
-    assert "not recorded by Ray Train" in log, log[-5000:]
-    assert f"[fault injection] rank 1 exits at global step {fail_at_step}" in log
-    assert log.count("Started training worker group of size") == 3, log[-5000:]
-    # Both restarts continue with epoch 3 (1-based): after the adopted checkpoint of epoch 2.
-    assert _continued_epochs(log) == [fail_at_report + 1] * 2, log[-5000:]
-    redone = fail_at_step // steps_per_epoch - fail_at_report  # completed epochs trained again
-    assert 0 <= redone <= eval_every - 1
-    assert _epochs_trained(log) == epochs + redone
-
-    # The adopted checkpoint (epoch 1) and the last (epoch 3) are kept; the cut-short one is gone.
-    kept = _checkpoints(stack_env, run_path)
-    assert not fs.exists(f"{half}/state.pt")
-    assert [json.loads(fs.cat_file(f"{p}/metrics.json"))["epoch"] for p in kept] == [1, 3]
-    assert _checkpoint_folders(stack_env, run_path) == [Path(p).name for p in kept]
-
-    runs = _runs("videolights-smoke", name)
-    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-    run_id = runs[0].info.run_id
-    client = MlflowClient()
-    assert sorted(m.step for m in client.get_metric_history(run_id, "train_loss")) \
-        == list(range(epochs))  # each epoch exactly once
-    assert [m.value for m in client.get_metric_history(run_id, "global_step")
-            if m.step == 0] == [steps_per_epoch]
-    assert sorted(m.step for m in client.get_metric_history(run_id, "MR-full-R1_at_0.5")) \
-        == [1, 3]
-    _assert_each_step_logged_once(run_id)
-
-
-def test_a_lost_node_costs_its_rank_and_the_job_finishes_on_the_nodes_left(
-        shards, stack_env, mlflow_env, ray_head, s3_server, mlflow_server):
-    """A second Ray node (1 CPU) joins the head; scale.placement_strategy=SPREAD puts rank 1 on
-    it; once the first checkpoint is complete in storage the node dies (its raylet and every
-    process on it SIGKILLed, as a machine that is lost). Ray Train restarts the group on the
-    head's 2 CPUs from the newest checkpoint, within scale.max_failures, and the job finishes:
-    one MLflow run, every epoch's metrics exactly once."""
-    name = f"node-{_uid()}"
-    epochs = 4
-    entry = _entrypoint("--data", shards, "--storage", "s3://vl-runs/test_train_job",
-                        "--name", name, "--set", f"train.epochs={epochs}",
-                        "--set", "scale.placement_strategy=SPREAD", *FAST)
-    jobs = _job_client(stack_env)
-    node = start_ray_worker_node(ray_head, {**s3_server.env(), **mlflow_server.env()},
-                                 num_cpus=1)
-    try:
-        started = submit(stack_env, name, entry, wait=False,
-                         env_vars={"RAY_DEDUP_LOGS": "0"})
-        assert started.returncode == 0, started.stderr[-3000:]
-        wait_for(lambda: _newest_complete_epoch(stack_env, f"s3://vl-runs/test_train_job/{name}")
-                 is not None, 180, "first checkpoint", poll_s=0.2)
-        node.kill()
-        wait_for(lambda: jobs.get_job_status(name).is_terminal(), 240, "the job")
-    finally:
-        node.stop()
-    log = jobs.get_job_logs(name)
-    assert jobs.get_job_status(name) == JobStatus.SUCCEEDED, log[-5000:]
-    groups = log.split("Started training worker group of size")[1:]
-    assert len(groups) == 2, log[-5000:]
-    assert "node_rank=1" in groups[0] and "node_rank=1" not in groups[1], log[-5000:]
-    continued = _continued_epochs(log)
-    assert len(continued) == 1 and continued[0] >= 2, log[-5000:]
-    runs = _runs("videolights-smoke", name)
-    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-    run_id = runs[0].info.run_id
-    assert sorted(m.step for m in MlflowClient().get_metric_history(run_id, "train_loss")) \
-        == list(range(epochs))
-    _assert_each_step_logged_once(run_id)
-
-
 def test_each_rank_restores_from_a_copy_of_its_own(tmp_path):
     """Ray's `as_directory` hands every rank of a node the same temporary folder, and a late
     rank downloads into it again while another reads from it; `local_copy` gives each caller
@@ -407,8 +218,8 @@ def nan_shards(stack_env: dict[str, str], tmp_path_factory: pytest.TempPathFacto
         arrays = dict(stored)
     arrays["last_hidden_state"][1, 0] = np.nan
     np.savez(feature_file, **arrays)
-    prefix = f"s3://vl-data/test_train_job/nan-{_uid()}"
-    return _shard_to_s3(layout, prefix, stack_env, 6), qid
+    prefix = f"s3://vl-data/test_train_job/nan-{uid()}"
+    return shard_to_s3(layout, prefix, stack_env, 6), qid
 
 
 def test_nan_loss_names_the_qid_and_is_not_retried(nan_shards, stack_env, mlflow_env):
@@ -417,8 +228,8 @@ def test_nan_loss_names_the_qid_and_is_not_retried(nan_shards, stack_env, mlflow
     finds the failure record and returns) although scale.max_failures=2 would allow three
     starts, and the MLflow run is FAILED with the message as its `vl.failure` tag."""
     prefix, qid = nan_shards
-    name = f"nan-{_uid()}"
-    entry = _entrypoint("--data", prefix, "--storage", "s3://vl-runs/test_train_job",
+    name = f"nan-{uid()}"
+    entry = entrypoint("--data", prefix, "--storage", "s3://vl-runs/test_train_job",
                         "--name", name, "--set", "train.epochs=2", "--set",
                         "scale.max_failures=2", *FAST)
     # The job's own log, every line kept (Ray folds identical lines of several processes into
@@ -433,7 +244,7 @@ def test_nan_loss_names_the_qid_and_is_not_retried(nan_shards, stack_env, mlflow
     assert "in the batch of qids [" in summary[0] and "not retried" in summary[0]
     assert log.count("Started training worker group of size") == 2, log[-5000:]
     assert log.count("not training again") == 1, log[-5000:]
-    runs = _runs("videolights-smoke", name)
+    runs = runs_named("videolights-smoke", name)
     assert len(runs) == 1 and runs[0].info.status == "FAILED"
     assert f"qid(s) [{qid}]" in runs[0].data.tags["vl.failure"]
 
@@ -483,6 +294,20 @@ def test_missing_storage_bucket_fails_fast(shards, stack_env, mlflow_env, capsys
                              "--storage", "s3://no-such-bucket-vl/runs"], capsys)
     assert code == 2 and err.count("\n") == 1
     assert "bucket 'no-such-bucket-vl' does not exist" in err
+
+
+def test_more_ranks_than_row_groups_fails_fast_naming_the_workers(shards, stack_env, mlflow_env,
+                                                                   capsys):
+    """More ranks than the train shards have row groups: some rank would train on nothing
+    (and wait forever in the first all-reduce). Refused before Ray, naming scale.num_workers and
+    the cure."""
+    groups = sum(s.num_row_groups for s in read_manifest(f"{shards}/train").shards)
+    workers = groups + 1
+    code, err = _train_main(["--config", "configs/smoke.yaml", "--data", shards,
+                             "--set", f"scale.num_workers={workers}"], capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert "a rank would get no samples" in err and f"(scale.num_workers={workers})" in err
+    assert "--rows-per-shard" in err
 
 
 def test_unreachable_mlflow_fails_fast(shards, stack_env, mlflow_env, monkeypatch, capsys):
@@ -563,7 +388,7 @@ def _resume_args(shards: str, storage: Path, name: str, *extra: str) -> list[str
 
 def test_resume_with_another_config_is_refused_naming_the_keys(shards, stack_env, mlflow_env,
                                                                tmp_path, capsys):
-    name = f"drift-{_uid()}"
+    name = f"drift-{uid()}"
     plan = prepare(build_parser().parse_args(_resume_args(shards, tmp_path, name)))
     write_run_record(plan)  # what the first submission wrote before training
     run_id = tracking.start_or_resume_run(plan.experiment, name)
@@ -593,7 +418,7 @@ def test_resume_with_another_config_is_refused_naming_the_keys(shards, stack_env
 
 def test_resubmitting_a_finished_run_is_a_no_op(shards, stack_env, mlflow_env, tmp_path,
                                                 capsys):
-    name = f"done-{_uid()}"
+    name = f"done-{uid()}"
     plan = prepare(build_parser().parse_args(_resume_args(shards, tmp_path, name)))
     write_run_record(plan, finished={"run_name": name, "version": "1"})
     code = main(_resume_args(shards, tmp_path, name))
@@ -606,7 +431,7 @@ def test_resubmitting_a_finished_run_is_a_no_op(shards, stack_env, mlflow_env, t
 def _runs_or_none(experiment: str, name: str) -> list:
     if MlflowClient().get_experiment_by_name(experiment) is None:
         return []
-    return _runs(experiment, name)
+    return runs_named(experiment, name)
 
 
 @pytest.mark.parametrize("override,key", [("train.lr=nan", "train.lr"),
@@ -644,14 +469,14 @@ def test_direct_run_joins_the_stack_and_fails_fast_when_it_is_too_small(shards, 
     """README: after `stack up`, RAY_ADDRESS is the dashboard URL; `python -m jobs.train` run
     directly joins the head anyway, and a cluster too small for the workers fails in seconds
     with one line instead of waiting for resources forever (no MLflow run opened)."""
-    name = f"small-{_uid()}"
+    name = f"small-{uid()}"
     t0 = time.monotonic()
-    proc = subprocess.run(_entrypoint("--data", shards, "--storage", "s3://vl-runs/test_train_job",
-                                      "--name", name, "--set", "scale.num_workers=5"),
+    proc = subprocess.run(entrypoint("--data", shards, "--storage", "s3://vl-runs/test_train_job",
+                                      "--name", name, "--set", "scale.num_workers=4"),
                           cwd=REPO, env=stack_env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 2, proc.stderr[-3000:]
     lines = [line for line in proc.stderr.splitlines() if line.startswith("jobs.train:")]
-    assert len(lines) == 1 and "too small for scale.num_workers=5" in lines[0], proc.stderr
+    assert len(lines) == 1 and "too small for scale.num_workers=4" in lines[0], proc.stderr
     assert time.monotonic() - t0 < 90
     with pytest.MonkeyPatch.context() as mp:
         for key in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
@@ -664,7 +489,7 @@ def test_direct_run_joins_the_stack_and_fails_fast_when_it_is_too_small(shards, 
 def test_a_job_that_ends_closes_its_run(mlflow_env, ending, status):
     """However the driver ends (an error, Ctrl-C, `ray job stop`'s SIGTERM), its MLflow run is
     FAILED or KILLED, never left RUNNING."""
-    run_id = tracking.start_or_resume_run(f"close-{_uid()}", "r")
+    run_id = tracking.start_or_resume_run(f"close-{uid()}", "r")
     expected = {"error": ValueError, "ctrl-c": KeyboardInterrupt, "sigterm": SystemExit}[ending]
     with pytest.raises(expected), closes_run(run_id):
         if ending == "sigterm":
