@@ -20,7 +20,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from cluster.local.common import NO_TELEMETRY_ENV
+from jobs.preflight import GCS_ADDRESS_ENV, PreflightError, init_ray
 from jobs.shard import run as shard
+from tests.train_runs import job_client
 from tune import report, space
 from tune.report import TrialOutcome
 from tune.trial import load_domain
@@ -327,24 +329,31 @@ def test_impossible_values_exit_2_naming_the_key(capsys, argv, named):
 
 
 
-def test_a_cluster_too_small_for_one_trial_exits_2_at_once(tmp_path):
+def test_a_cluster_too_small_for_one_trial_exits_2_at_once(tmp_path, ray_head):
     """A trial no node can hold (too many CPUs and a GPU on a CPU machine): one line naming
     both flags and what the nodes have, exit 2, before MLflow (a dead server here) or the Tune
-    storage is touched. Runs in its own process: `tune.tvsum` starts its own local Ray there,
-    away from the Ray state this process keeps from the tests that joined the session stack.
-    (Which of the two knobs a node lacks is `check_capacity`'s, tested with the train job.)"""
+    storage is touched. Run as the README's shell after `cluster.local.stack up` runs it:
+    RAY_ADDRESS is the job API URL, and the search joins the stack's head through the GCS
+    address exported beside it (its driver is listed there) rather than failing on the URL or
+    starting a cluster of its own. In its own process: this one keeps Ray state from other
+    tests. (Which of the two knobs a node lacks is `check_capacity`'s, tested with the train
+    job.)"""
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("RAY_") and k != "PYTEST_CURRENT_TEST"}
-    env.update(NO_TELEMETRY_ENV, MLFLOW_TRACKING_URI="http://127.0.0.1:9",
-               RAY_AUTH_MODE="disabled")
+    env.update(ray_head.env(), MLFLOW_TRACKING_URI="http://127.0.0.1:9")
+    assert env["RAY_ADDRESS"].startswith("http://")
+    jobs = job_client(ray_head.env())
+    drivers_before = {j.job_id for j in jobs.list_jobs()}
     storage = tmp_path / "tune"
     t0 = time.monotonic()
-    proc = subprocess.run(
-        [sys.executable, "-m", "tune.tvsum", "--config", str(SMOKE), "--data",
-         str(tmp_path / "shards"), "--domains", "VT", "--storage", str(storage),
-         "--cpus-per-trial", "999", "--gpus-per-trial", "1"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
-    err = proc.stderr.strip()
+    with subprocess.Popen(
+            [sys.executable, "-m", "tune.tvsum", "--config", str(SMOKE), "--data",
+             str(tmp_path / "shards"), "--domains", "VT", "--storage", str(storage),
+             "--cpus-per-trial", "999", "--gpus-per-trial", "1"],
+            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True) as proc:  # fmt: skip
+        _, err = proc.communicate(timeout=180)
+    err = err.strip()
     assert proc.returncode == 2 and "Traceback" not in err, err
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, err
@@ -352,6 +361,20 @@ def test_a_cluster_too_small_for_one_trial_exits_2_at_once(tmp_path):
            "its 1 node(s) have" in errors[0] and "and 0 GPUs (0 of 1 fit)" in errors[0], err
     assert time.monotonic() - t0 < 120
     assert not storage.exists()
+    joined = [j for j in jobs.list_jobs() if j.job_id not in drivers_before
+              and j.driver_info is not None and j.driver_info.pid == str(proc.pid)]
+    assert len(joined) == 1, [(j.job_id, j.driver_info) for j in jobs.list_jobs()]
+
+
+def test_the_job_api_url_without_the_gcs_address_is_refused_before_ray_starts(monkeypatch):
+    """RAY_ADDRESS holding the job API URL and no GCS address beside it: one PreflightError
+    naming the variable to set (tune.tvsum and tune.seeds exit 2 with it), RAY_ADDRESS as it
+    was."""
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:9")
+    monkeypatch.delenv(GCS_ADDRESS_ENV, raising=False)
+    with pytest.raises(PreflightError, match=GCS_ADDRESS_ENV):
+        init_ray(None)
+    assert os.environ["RAY_ADDRESS"] == "http://127.0.0.1:9"
 
 
 def test_sampled_search_starts_at_the_box_corners_then_samples_inside():

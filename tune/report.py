@@ -33,8 +33,9 @@ class TrialOutcome:
     al: float
     best_top5_map: float  # x100; NaN when the trial never evaluated
     epochs_run: int
-    status: str  # "finished", "stopped" (by the scheduler) or "failed"
+    status: str  # "finished", "stopped" (by the scheduler), "failed" or "diverged" (NaN loss)
     run_id: str = ""
+    diverged: str = ""  # the non-finite loss's one-line error, for a diverged trial
 
 
 def order_domains(domains: Sequence[str]) -> list[str]:

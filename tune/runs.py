@@ -57,13 +57,17 @@ def _close(run_id: str, status: str, stopped_early: bool | None, trial_status: s
 
 class ChildRunCloser(tune.Callback):
     """Ends a trial's child run when Tune is done with it: FINISHED (tagged stopped early when it
-    ran fewer epochs than asked: ASHA) or FAILED after its last retry."""
+    ran fewer epochs than asked: ASHA), FAILED after its last retry, or FAILED at once when its
+    loss diverged (not retried)."""
 
     def __init__(self, epochs: int) -> None:
         self.epochs = epochs
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         result = trial.last_result or {}
+        if result.get("diverged"):
+            _close(str(result.get("mlflow_run_id", "")), "FAILED", None, "diverged")
+            return
         stopped = int(result.get("epoch", 0)) < self.epochs
         _close(str(result.get("mlflow_run_id", "")), "FINISHED", stopped,
                "stopped" if stopped else "finished")  # fmt: skip
@@ -101,6 +105,8 @@ def outcomes_of(domain: str, grid: tune.ResultGrid, epochs: int) -> list[TrialOu
         run_epochs = int(m.get("epoch", 0))
         if result.error is not None:
             status = "failed"
+        elif m.get("diverged"):
+            status = "diverged"
         elif run_epochs < epochs:
             status = "stopped"
         else:
@@ -110,6 +116,7 @@ def outcomes_of(domain: str, grid: tune.ResultGrid, epochs: int) -> list[TrialOu
             hl=coefs["hl"], scsl=coefs["scsl"], al=coefs["al"],
             best_top5_map=float(m.get("best_top5_map", math.nan)),
             epochs_run=run_epochs, status=status, run_id=str(m.get("mlflow_run_id", "")),
+            diverged=str(m.get("diverged") or ""),
         ))  # fmt: skip
     return out
 
@@ -120,8 +127,8 @@ def sweep_child_runs(outcomes: Sequence[TrialOutcome], interrupted: bool) -> Non
     for t in outcomes:
         if not t.run_id:
             continue
-        if t.status == "failed":
-            _close(t.run_id, "FAILED", None, "failed")
+        if t.status in ("failed", "diverged"):
+            _close(t.run_id, "FAILED", None, t.status)
         elif interrupted and t.status == "stopped":
             continue  # unknown yet: Tune may continue it on resume; leave for the resumed run
         else:

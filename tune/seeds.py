@@ -31,7 +31,7 @@ import ray
 from mlflow.tracking import MlflowClient
 from ray import tune
 
-from jobs.preflight import EXIT_BAD_INPUT, PreflightError
+from jobs.preflight import EXIT_BAD_INPUT, PreflightError, init_ray
 from jobs.train import JobPlan, prepare, run
 from jobs.train import build_parser as train_parser
 from vl import tracking
@@ -58,7 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiment", metavar="NAME", help="MLflow experiment (default: config name)")
     p.add_argument("--concurrency", type=int, default=0,
                    help="seeds trained at once (default: all; Tune queues what does not fit)")
-    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a new one)")
+    p.add_argument("--address",
+                   help="Ray cluster address (default: RAY_ADDRESS, the job API URL swapped for "
+                        "the stack's GCS address; neither: a new local cluster)")
     return p
 
 
@@ -157,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     try:
         if not ray.is_initialized():
-            ray.init(address=args.address, log_to_driver=True)
+            init_ray(args.address, log_to_driver=True)
         result = run_seeds(args)
     except PreflightError as err:
         print(f"tune.seeds: {err}", file=sys.stderr, flush=True)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,13 +41,14 @@ from vl.checkpoint import (
 from vl.config import ExperimentConfig, apply_values
 from vl.data.batch import Batch
 from vl.data.dataset import make_loader, read_annotations
-from vl.engine import build_optimizer, evaluate, train_step
+from vl.engine import NonFiniteLossError, build_optimizer, evaluate, train_step
 from vl.losses import build_criterion
 from vl.model import build_model
 
 DOMAIN_TAG = "vl.domain"
 TRIAL_TAG = "vl.trial_id"
 STOPPED_EARLY_TAG = "vl.stopped_early"
+DIVERGED_TAG = "vl.diverged"  # the non-finite loss that ended the trial (its qids)
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own parent/child convention (nested runs in the UI)
 
 
@@ -121,20 +122,34 @@ class TrackingTarget:
 
 @dataclass
 class FaultPlan:
-    """Crash a trial on purpose at `epoch` (before training it): `once` only on the first
-    attempt (a retry then continues from the checkpoint), otherwise on every attempt. Only trials
-    whose `loss.hl_coef` equals `hl` (when given) are affected."""
+    """A trial failing on purpose at `epoch`. kind "crash": raise before training it (`once`:
+    only on the first attempt, so a retry continues from the checkpoint; otherwise on every
+    attempt). kind "nan": the epoch's first batch carries NaN video features, so the loss
+    turns non-finite as a diverging trial's does. Only trials whose `loss.hl_coef` equals `hl`
+    and `loss.al_coef` equals `al` (each when given) are affected."""
 
     epoch: int = -1
+    kind: str = "crash"
     once: bool = True
     hl: float | None = None
+    al: float | None = None
+
+    def applies(self, epoch: int, cfg: ExperimentConfig) -> bool:
+        return (epoch == self.epoch >= 0
+                and (self.hl is None or math.isclose(cfg.loss.hl_coef, self.hl))
+                and (self.al is None or math.isclose(cfg.loss.al_coef, self.al)))
 
     def should_fail(self, epoch: int, cfg: ExperimentConfig, restored: bool) -> bool:
-        if self.epoch < 0 or epoch != self.epoch:
-            return False
-        if self.hl is not None and not math.isclose(cfg.loss.hl_coef, self.hl):
-            return False
-        return not (self.once and restored)
+        return (self.kind == "crash" and self.applies(epoch, cfg)
+                and not (self.once and restored))
+
+    def poison(self, epoch: int, cfg: ExperimentConfig, batches: list[Batch]) -> list[Batch]:
+        """`batches` as trained in `epoch`: the first one's video features NaN if planned."""
+        if self.kind != "nan" or not self.applies(epoch, cfg):
+            return batches
+        first = batches[0]
+        bad = replace(first, video=torch.full_like(first.video, math.nan))
+        return [bad, *batches[1:]]
 
 
 @dataclass
@@ -148,7 +163,7 @@ class TrialSetup:
     checkpoint_every: int = 0  # epochs between periodic checkpoints (0: only on improvement/end)
     threads: int = 1
     device: str = "cpu"
-    fault: FaultPlan = field(default_factory=FaultPlan)
+    faults: tuple[FaultPlan, ...] = ()
 
 
 def trial_config(setup: TrialSetup, values: dict[str, Any]) -> ExperimentConfig:
@@ -186,6 +201,12 @@ class _ChildRun:
     def log(self, epoch: int, metrics: dict[str, float]) -> None:
         if self.run_id:
             self.metrics.log(epoch, metrics)
+
+    def diverge(self, message: str) -> None:
+        """FAILED, with the loss's one-line error as the DIVERGED_TAG."""
+        if self.run_id:
+            MlflowClient().set_tag(self.run_id, DIVERGED_TAG, message[:5000])
+            MlflowClient().set_terminated(self.run_id, status="FAILED")
 
     def finish(self) -> None:
         if self.run_id:
@@ -257,13 +278,25 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     train_batches = [b.to(device) for b in setup.data.train]
     p, restored = _restore(model, optimizer, scheduler)
     for epoch in range(p.done, cfg.train.epochs):
-        if setup.fault.should_fail(epoch, cfg, restored):
+        if any(f.should_fail(epoch, cfg, restored) for f in setup.faults):
             raise InjectedFaultError(f"injected fault in domain {domain} at epoch {epoch}")
-        losses = [
-            train_step(model, criterion, batch, optimizer, epoch,
-                       grad_clip=cfg.train.grad_clip, bf16=cfg.train.bf16)["loss"]
-            for batch in train_batches
-        ]  # fmt: skip
+        batches = train_batches
+        for fault in setup.faults:
+            batches = fault.poison(epoch, cfg, batches)
+        try:
+            losses = [
+                train_step(model, criterion, batch, optimizer, epoch,
+                           grad_clip=cfg.train.grad_clip, bf16=cfg.train.bf16)["loss"]
+                for batch in batches
+            ]  # fmt: skip
+        except NonFiniteLossError as err:
+            # Deterministic: a retry from the last checkpoint would diverge again. The trial
+            # ends here, reported as diverged (its best so far still counts), not retried.
+            child.diverge(str(err))
+            tune.report({"epoch": p.done, "best_top5_map": p.best if p.best > -math.inf
+                         else math.nan, "best_epoch": p.best_epoch, "diverged": str(err),
+                         "mlflow_run_id": child.run_id})  # fmt: skip
+            return
         scheduler.step()
         p.done = epoch + 1
         if p.done % cfg.train.eval_every and p.done != cfg.train.epochs:

@@ -33,7 +33,7 @@ import mlflow
 import ray
 from ray import tune
 
-from jobs.preflight import EXIT_BAD_INPUT, PreflightError, check_cluster_capacity
+from jobs.preflight import EXIT_BAD_INPUT, PreflightError, check_cluster_capacity, init_ray
 from tune import report, runs, space
 from tune.report import best_per_domain, order_domains
 from tune.runs import ChildRunCloser, InterruptAfter
@@ -190,7 +190,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="optuna: start from random draws instead of the four (scsl, al) corners "
                         "of the box (at hl 5)")
     p.add_argument("--ray-address", default=None,
-                   help="Ray GCS address (default: RAY_ADDRESS unless it is the job API URL)")
+                   help="Ray GCS address (default: RAY_ADDRESS; the job API URL that "
+                        "`cluster.local.stack up` exports is swapped for the GCS address it "
+                        "exports beside it; neither: a new local cluster)")
     p.add_argument("--interrupt-after-trials", type=int, default=0, help=argparse.SUPPRESS)
     return p
 
@@ -326,7 +328,7 @@ def search_domain(spec: SearchSpec, domain: str, init: tuple | None) -> tuple[Do
         config=raw, data=data, init_state=init[0] if init else None, tracking=target,
         checkpoint_every=spec.checkpoint_every, threads=thread_budget(spec.cpus_per_trial),
         device="cuda" if spec.gpus_per_trial > 0 else "cpu",
-        fault=_fault_from_env(),
+        faults=_faults_from_env(),
     )  # fmt: skip
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, setup=setup),
@@ -355,19 +357,22 @@ def search_domain(spec: SearchSpec, domain: str, init: tuple | None) -> tuple[Do
     for t in outcomes:
         spec.log(f"[{domain}] trial {t.trial_id}: hl={t.hl:.3g} scsl={t.scsl:.3g} "
                  f"al={t.al:.3g} best top-5 mAP={t.best_top5_map:.2f} after "
-                 f"{t.epochs_run} epochs ({t.status})")  # fmt: skip
+                 f"{t.epochs_run} epochs ({t.status})"
+                 + (f": {t.diverged}" if t.diverged else ""))  # fmt: skip
     return result, False
 
 
-def _fault_from_env() -> FaultPlan:
-    """Test hook: VL_TUNE_FAULT='once:EPOCH[:HL]' or 'always:EPOCH[:HL]' crashes matching
-    trials on purpose (see tune.trial.FaultPlan). Unset in normal use."""
-    text = os.environ.get("VL_TUNE_FAULT", "")
-    if not text:
-        return FaultPlan()
-    parts = text.split(":")
-    return FaultPlan(epoch=int(parts[1]), once=parts[0] == "once",
-                     hl=float(parts[2]) if len(parts) > 2 else None)  # fmt: skip
+def _faults_from_env() -> tuple[FaultPlan, ...]:
+    """Test hook: VL_TUNE_FAULT, comma-separated plans KIND:EPOCH[:HL[:AL]], KIND one of
+    `once` / `always` (crash before the epoch) or `nan` (NaN features in it): matching trials
+    fail on purpose (see tune.trial.FaultPlan). Unset in normal use."""
+    plans = []
+    for text in filter(None, os.environ.get("VL_TUNE_FAULT", "").split(",")):
+        kind, epoch, *coefs = text.split(":")
+        hl, al = (float(c) if c else None for c in (coefs + ["", ""])[:2])
+        plans.append(FaultPlan(epoch=int(epoch), kind="nan" if kind == "nan" else "crash",
+                               once=kind == "once", hl=hl, al=al))
+    return tuple(plans)
 
 
 def summarize(spec: SearchSpec, result: SearchResult) -> None:
@@ -431,17 +436,6 @@ def check_trial_fits(spec: SearchSpec) -> None:
     check_cluster_capacity(1, spec.cpus_per_trial, spec.gpus_per_trial, knobs=knobs)
 
 
-def _ray_address(explicit: str | None) -> str | None:
-    """Where to connect: --ray-address, else RAY_ADDRESS unless it is the job API's http URL
-    (a shell after `cluster.local.stack up` has that one; ray.init needs the GCS address)."""
-    if explicit:
-        return explicit
-    env = os.environ.get("RAY_ADDRESS", "")
-    if env.startswith(("http://", "https://")):
-        return None
-    return env or None
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -452,14 +446,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     started = False
     if not ray.is_initialized():
-        address = _ray_address(args.ray_address)
-        saved = os.environ.pop("RAY_ADDRESS", None) if address is None else None
         try:
-            ray.init(address=address, include_dashboard=False if address is None else None,
-                     log_to_driver=False)  # fmt: skip
-        finally:
-            if saved is not None:
-                os.environ["RAY_ADDRESS"] = saved
+            init_ray(args.ray_address, log_to_driver=False)
+        except PreflightError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return EXIT_BAD_INPUT
         started = True
     try:
         try:
