@@ -1,17 +1,19 @@
 """The fault matrix of jobs.train on the local stack: each fault is done to a real smoke-config
 job and measured against a fault-free run of the same config.
 
-Faults: a worker killed mid-epoch (`scale.fail_at_step`: rank 1 exits hard, as after `kill
--9`), a worker lost during the report of an evaluation epoch (`scale.fail_at_report`), a whole
-node lost (a second `ray start --address` node on this machine holds rank 1 under
-`scale.placement_strategy=SPREAD` and is SIGKILLed, raylet and workers, after the first
-checkpoint), the S3 server (SeaweedFS) paused 30 s and 90 s (SIGSTOP) after the first
+Faults: a worker killed mid-epoch (`scale.fail_at_step`: rank 1 exits hard, as after `kill -9`),
+a Ray Train worker process SIGKILLed from outside after the first checkpoint (as the OOM killer
+or an operator does), a worker lost during the report of an evaluation epoch
+(`scale.fail_at_report`), a whole node lost (a second `ray start --address` node on this machine
+holds rank 1 under `scale.placement_strategy=SPREAD` and is SIGKILLed, raylet and workers, after
+the first checkpoint), the S3 server (SeaweedFS) paused 30 s and 90 s (SIGSTOP) after the first
 checkpoint, the MLflow server paused 30 s, `ray job stop` after the first checkpoint then a
 resubmit with the same --name, and a resubmit with a changed config (which must be refused with
 exit 2, the run untouched).
 
 Per fault one JSON line: survived (the job succeeded, or, for the changed config, was
 refused), epochs_redone (epochs trained beyond the config's, from rank 0's progress lines),
+worker_group_starts (Ray Train's starts over the fault's submissions),
 wall_s and wall_s_lost (against the fault-free run), and metric points duplicated or lost in
 the MLflow run (each metric's step history against the fault-free run's).
 
@@ -50,8 +52,9 @@ REPO = Path(__file__).resolve().parents[1]
 STORAGE = "s3://vl-runs/faults"
 EXPERIMENT = "videolights-smoke"
 STEPS_PER_EPOCH = 3  # 48 train queries / 2 ranks / batch 8
-FAULTS = ("worker_kill_mid_epoch", "worker_kill_during_report", "node_kill", "s3_outage",
-          "s3_outage_90s", "mlflow_outage", "job_stop_resubmit", "resubmit_changed_config")
+FAULTS = ("worker_kill_mid_epoch", "worker_sigkill", "worker_kill_during_report", "node_kill",
+          "s3_outage", "s3_outage_90s", "mlflow_outage", "job_stop_resubmit",
+          "resubmit_changed_config")
 LONG_OUTAGE_S = 90.0  # s3_outage_90s: longer than one request's retries, within VL_S3_RETRY_TOTAL_S
 
 
@@ -119,6 +122,18 @@ def pause(pid: int, seconds: float) -> None:
             os.kill(member, signal.SIGCONT)
 
 
+def train_worker_pids(head_pid: int) -> list[int]:
+    """The live Ray Train worker processes (`ray::RayTrainWorker...`) of the head's session."""
+    found = []
+    for pid in session_members(os.getsid(head_pid)):
+        try:
+            if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::RayTrainWorker"):
+                found.append(pid)
+        except OSError:
+            continue
+    return sorted(found)
+
+
 def epochs_trained(log: str) -> int:
     """Rank 0's progress lines ("epoch K/N loss ..."): one per epoch trained."""
     return len(re.findall(r"\bepoch \d+/\d+ loss ", log))
@@ -158,6 +173,12 @@ def run_fault(bench: Bench, fault: str, pause_s: float) -> dict[str, Any]:
         # inside the epoch after the first checkpoint (epoch eval_every + 1)
         job = bench.submit(name, "--set",
                            f"scale.fail_at_step={bench.eval_every * STEPS_PER_EPOCH + 1}")
+    elif fault == "worker_sigkill":
+        job = bench.submit(name)
+        bench.wait_first_checkpoint(name)
+        wait_for(lambda: len(train_worker_pids(bench.stack.ray.pid)) == 2, 60, "both workers")
+        os.kill(train_worker_pids(bench.stack.ray.pid)[-1], signal.SIGKILL)
+        extra["killed_after_s"] = round(time.monotonic() - t0, 1)
     elif fault == "worker_kill_during_report":
         job = bench.submit(name, "--set", f"scale.fail_at_report={bench.eval_every}")
     elif fault == "node_kill":
@@ -230,6 +251,9 @@ def measure(bench: Bench, faults: list[str], pause_s: float,
         row.pop("name")
         if fault != "resubmit_changed_config":
             row["epochs_redone"] = sum(epochs_trained(log) for log in logs) - bench.epochs
+            # 1 per submission without a restart; each worker-group restart adds one
+            row["worker_group_starts"] = sum(
+                log.count("Started training worker group of size") for log in logs)
             row["wall_s_lost"] = round(row["wall_s"] - baseline_wall, 1)
             row.update(compare(steps, baseline))
             if not row["survived"]:
