@@ -7,9 +7,9 @@ or an operator does), a worker lost during the report of an evaluation epoch
 (`scale.fail_at_report`), a whole node lost (a second `ray start --address` node on this machine
 holds rank 1 under `scale.placement_strategy=SPREAD` and is SIGKILLed, raylet and workers, after
 the first checkpoint), the S3 server (SeaweedFS) paused 30 s and 90 s (SIGSTOP) after the first
-checkpoint, the MLflow server paused 30 s, `ray job stop` after the first checkpoint then a
-resubmit with the same --name, and a resubmit with a changed config (which must be refused with
-exit 2, the run untouched).
+checkpoint and `--pause-s` while rank 0 uploads the first checkpoint, the MLflow server paused
+30 s, `ray job stop` after the first checkpoint then a resubmit with the same --name, and a
+resubmit with a changed config (which must be refused with exit 2, the run untouched).
 
 Per fault one JSON line: survived (the job succeeded, or, for the changed config, was
 refused), epochs_redone (epochs trained beyond the config's, from rank 0's progress lines),
@@ -45,7 +45,7 @@ from cluster.local.common import WORKING_DIR_EXCLUDES, wait_for
 from cluster.local.ray_head import session_members, start_ray_worker_node
 from cluster.local.stack import LocalStack
 from jobs.shard import run as shard_run
-from vl.checkpoint import complete_checkpoints
+from vl.checkpoint import checkpoint_folders, complete_checkpoints
 from vl.data.synthetic import SyntheticConfig, generate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,8 +53,8 @@ STORAGE = "s3://vl-runs/faults"
 EXPERIMENT = "videolights-smoke"
 STEPS_PER_EPOCH = 3  # 48 train queries / 2 ranks / batch 8
 FAULTS = ("worker_kill_mid_epoch", "worker_sigkill", "worker_kill_during_report", "node_kill",
-          "s3_outage", "s3_outage_90s", "mlflow_outage", "job_stop_resubmit",
-          "resubmit_changed_config")
+          "s3_outage", "s3_outage_90s", "s3_outage_during_upload", "mlflow_outage",
+          "job_stop_resubmit", "resubmit_changed_config")
 LONG_OUTAGE_S = 90.0  # s3_outage_90s: longer than one request's retries, within VL_S3_RETRY_TOTAL_S
 
 
@@ -203,6 +203,16 @@ def run_fault(bench: Bench, fault: str, pause_s: float) -> dict[str, Any]:
         return {"fault": fault, "survived": status == JobStatus.SUCCEEDED, "name": name,
                 "wall_s": round(time.monotonic() - t0, 1), "logs": [log],
                 "steps": metric_steps(name), **extra}
+    elif fault == "s3_outage_during_upload":
+        # S3 paused while rank 0 uploads the first checkpoint: its folder holds objects but not
+        # yet the seal. `caught_upload` says whether the pause began inside that window (a
+        # small checkpoint uploads in well under a second, so the poll may miss it).
+        job = bench.submit(name)
+        uri = bench.run_uri(name)
+        wait_for(lambda: bool(checkpoint_folders(uri)), 300, "a checkpoint upload", poll_s=0.02)
+        pause_started = not complete_checkpoints(uri)
+        pause(bench.stack.s3.pid, pause_s)
+        extra.update(paused_s=pause_s, caught_upload=pause_started)
     elif fault in ("s3_outage", "s3_outage_90s", "mlflow_outage"):
         job = bench.submit(name)
         bench.wait_first_checkpoint(name)
