@@ -5,11 +5,12 @@ Faults: a worker killed mid-epoch (`scale.fail_at_step`: rank 1 exits hard, as a
 a Ray Train worker process SIGKILLed from outside after the first checkpoint (as the OOM killer
 or an operator does), a worker lost during the report of an evaluation epoch
 (`scale.fail_at_report`), a whole node lost (a second `ray start --address` node on this machine
-holds rank 1 under `scale.placement_strategy=SPREAD` and is SIGKILLed, raylet and workers, after
-the first checkpoint), the S3 server (SeaweedFS) paused 30 s and 90 s (SIGSTOP) after the first
-checkpoint and `--pause-s` while rank 0 uploads the first checkpoint, the MLflow server paused
-30 s, `ray job stop` after the first checkpoint then a resubmit with the same --name, and a
-resubmit with a changed config (which must be refused with exit 2, the run untouched).
+holds rank 1 under `scale.placement_strategy=SPREAD` and is SIGKILLed, raylet and workers, in
+the middle of the epoch after the first checkpoint, where `scale.hold_at_step` stops rank 1),
+the S3 server (SeaweedFS) paused 30 s and 90 s (SIGSTOP) after the first checkpoint and
+`--pause-s` while rank 0 uploads the first checkpoint, the MLflow server paused 30 s, `ray job
+stop` after the first checkpoint then a resubmit with the same --name, and a resubmit with a
+changed config (which must be refused with exit 2, the run untouched).
 
 Per fault one JSON line: survived (the job succeeded, or, for the changed config, was
 refused), epochs_redone (epochs trained beyond the config's, from rank 0's progress lines),
@@ -42,11 +43,12 @@ from mlflow.tracking import MlflowClient
 from ray.job_submission import JobStatus, JobSubmissionClient
 
 from cluster.local.common import WORKING_DIR_EXCLUDES, wait_for
-from cluster.local.ray_head import session_members, start_ray_worker_node
+from cluster.local.ray_head import session_members, start_ray_worker_node, train_worker_pids
 from cluster.local.stack import LocalStack
 from jobs.shard import run as shard_run
 from vl.checkpoint import checkpoint_folders, complete_checkpoints
 from vl.data.synthetic import SyntheticConfig, generate
+from vl.storage import exists
 
 REPO = Path(__file__).resolve().parents[1]
 STORAGE = "s3://vl-runs/faults"
@@ -122,18 +124,6 @@ def pause(pid: int, seconds: float) -> None:
             os.kill(member, signal.SIGCONT)
 
 
-def train_worker_pids(head_pid: int) -> list[int]:
-    """The live Ray Train worker processes (`ray::RayTrainWorker...`) of the head's session."""
-    found = []
-    for pid in session_members(os.getsid(head_pid)):
-        try:
-            if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::RayTrainWorker"):
-                found.append(pid)
-        except OSError:
-            continue
-    return sorted(found)
-
-
 def epochs_trained(log: str) -> int:
     """Rank 0's progress lines ("epoch K/N loss ..."): one per epoch trained."""
     return len(re.findall(r"\bepoch \d+/\d+ loss ", log))
@@ -176,22 +166,27 @@ def run_fault(bench: Bench, fault: str, pause_s: float) -> dict[str, Any]:
     elif fault == "worker_sigkill":
         job = bench.submit(name)
         bench.wait_first_checkpoint(name)
-        wait_for(lambda: len(train_worker_pids(bench.stack.ray.pid)) == 2, 60, "both workers")
-        os.kill(train_worker_pids(bench.stack.ray.pid)[-1], signal.SIGKILL)
+        wait_for(lambda: len(train_worker_pids(bench.stack.ray)) == 2, 60, "both workers")
+        os.kill(train_worker_pids(bench.stack.ray)[-1], signal.SIGKILL)
         extra["killed_after_s"] = round(time.monotonic() - t0, 1)
     elif fault == "worker_kill_during_report":
         job = bench.submit(name, "--set", f"scale.fail_at_report={bench.eval_every}")
     elif fault == "node_kill":
-        # A second node (1 CPU) joins; SPREAD puts rank 1 on it; once the first checkpoint is
-        # in storage the whole node is killed (raylet and workers, SIGKILL). The head's 2 CPUs
-        # then hold both ranks of the restarted group.
+        # A second node (1 CPU) joins; SPREAD puts rank 1 on it; scale.hold_at_step stops rank
+        # 1 inside the epoch after the first checkpoint (its step 2), and there the whole node
+        # is killed (raylet and workers, SIGKILL). The head's 2 CPUs then hold both ranks of
+        # the restarted group.
         stack_env = {**bench.stack.s3.env(), **bench.stack.mlflow.env()}
         node = start_ray_worker_node(bench.stack.ray, stack_env, num_cpus=1)
         try:
-            job = bench.submit(name, "--set", "scale.placement_strategy=SPREAD")
-            bench.wait_first_checkpoint(name)
+            hold_at = bench.eval_every * STEPS_PER_EPOCH + 2
+            job = bench.submit(name, "--set", "scale.placement_strategy=SPREAD",
+                               "--set", f"scale.hold_at_step={hold_at}")
+            marker = f"{bench.run_uri(name)}/fault_held_at_step_{hold_at}"
+            wait_for(lambda: exists(marker), 300, "rank 1 held at its step", poll_s=0.2)
             node.kill()
-            extra["node_killed_after_s"] = round(time.monotonic() - t0, 1)
+            extra.update(node_killed_at_step=hold_at,
+                         node_killed_after_s=round(time.monotonic() - t0, 1))
             status = bench.wait(job)
         finally:
             node.stop()

@@ -36,7 +36,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pyarrow.fs
 import ray
@@ -49,6 +49,7 @@ from ray.train import (
     FailureConfig,
     RunConfig,
     ScalingConfig,
+    TrainingFailedError,
 )
 from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -101,6 +102,7 @@ UNSENT_METRICS_FILE = "unsent_metrics.json"  # metric points MLflow had not stor
 SELECTION_KEY = "selection"
 DEFAULT_STORAGE = "s3://vl-runs/train"
 FAULT_WAIT_S = 120.0  # how long an injected report fault waits for rank 0's checkpoint
+HOLD_WAIT_S = 300.0  # how long a held rank waits for the outside kill before it goes on
 
 
 # ---- arguments and config ------------------------------------------------------------------
@@ -153,9 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="MLflow experiment (default: the config's name)")
     parser.add_argument("--allow-config-change", metavar="KEY[,KEY]", default="",
                         help="on a resume, accept these config keys differing from the saved "
-                             "run's (e.g. train.epochs); any other difference is refused. The "
-                             "resumed optimizer and schedule keep their saved state, so a "
-                             "changed train.lr does not apply to them")
+                             "run's (e.g. train.epochs); any other difference is refused. Keys "
+                             "the checkpoint fixes (train.lr, weight_decay, lr_drop, lr_gamma, "
+                             "model.*, the dataset and feature sets) cannot be accepted: start "
+                             "a new run with --init-from")
     return parser
 
 
@@ -263,14 +266,31 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+# Keys a resume cannot honour: the checkpoint's optimizer and schedule state (lr, decay,
+# step size) and its weights (the model's shape, the features it reads) continue as saved.
+RESUME_FIXED_KEYS = ("train.lr", "train.weight_decay", "train.lr_drop", "train.lr_gamma",
+                     "model.", "data.dataset", "data.video_features", "data.text_features")
+FIXED_WHY = ("(the checkpoint's optimizer, schedule and weights continue as saved); start a "
+             "new run from its weights with --init-from instead")
+
+
+def fixed_on_resume(key: str) -> bool:
+    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUME_FIXED_KEYS)
+
+
 def allowed_changes(text: str, cfg: ExperimentConfig) -> set[str]:
-    """--allow-config-change KEY[,KEY]: each key must be a config key (or `experiment`)."""
+    """--allow-config-change KEY[,KEY]: each key must be a config key (or `experiment`) that a
+    resume can honour (not one of RESUME_FIXED_KEYS)."""
     keys = {k.strip() for k in text.split(",") if k.strip()}
     known = set(flatten(cfg.to_dict())) | {"experiment", "register_as", "shards.train",
                                             "shards.val"}
     unknown = sorted(keys - known)
     if unknown:
         raise PreflightError(f"--allow-config-change: unknown key(s) {', '.join(unknown)}")
+    fixed = sorted(k for k in keys if fixed_on_resume(k))
+    if fixed:
+        raise PreflightError(f"--allow-config-change: {', '.join(fixed)} cannot change on a "
+                             f"resume {FIXED_WHY}")
     return keys
 
 
@@ -293,9 +313,14 @@ def check_resume(plan: JobPlan, allowed: set[str]) -> None:
     refused = [k for k in diff if k not in allowed]
     if refused:
         shown = "; ".join(f"{k}: {saved.get(k)!r} -> {new.get(k)!r}" for k in refused)
+        changeable = [k for k in refused if not fixed_on_resume(k)]
+        fixed = [k for k in refused if fixed_on_resume(k)]
+        hints = ([f"pass --allow-config-change {','.join(changeable)} to accept"]
+                 if changeable else []) + \
+                ([f"{', '.join(fixed)} cannot change on a resume {FIXED_WHY}"] if fixed else [])
         raise PreflightError(
             f"--name {plan.name} resumes {plan.run_uri} with a different config ({shown}); "
-            f"pass --allow-config-change {','.join(refused)} to accept, or use another --name")
+            f"{'; '.join(hints)}, or use another --name")
     plan.changed = diff
     if record.get("finished") is not None and not diff:
         plan.finished = record["finished"]
@@ -348,6 +373,11 @@ EXIT_FAILED = 1
 DETERMINISTIC_ERRORS: tuple[type[BaseException], ...] = (FloatingPointError, ShardCorruptError)
 
 
+class RunFailedError(RuntimeError):
+    """Ray Train gave up on the run (scale.max_failures used up); the message is the one line
+    the user sees (the job exits 1, its MLflow run FAILED)."""
+
+
 class DeterministicFailureError(RuntimeError):
     """The training stopped on a deterministic error; the message is the one line the user
     sees (the job exits 1, its MLflow run FAILED)."""
@@ -383,23 +413,62 @@ def take_previous_failure(run_uri: str) -> dict[str, Any] | None:
     return record
 
 
-def fit(trainer: TorchTrainer, run_id: str, run_uri: str):
+def fit(trainer: TorchTrainer, run_id: str, run_uri: str, max_failures: int):
     """`trainer.fit()`, with a deterministic failure recorded by a worker raised as
     DeterministicFailureError (tagged on the MLflow run as `vl.failure`).
 
     Ray Train retries every worker error up to `scale.max_failures` times and has no filter
     by exception, so the failing rank writes FATAL_RECORD before it raises and the restarted
     group returns at once when it finds it: one restart, no training. The record is looked
-    for whether Ray gave up (max_failures 0) or the restarted group returned."""
+    for whether Ray gave up (max_failures 0) or the restarted group returned. Any other
+    failure Ray gave up on is raised as RunFailedError with one line."""
     try:
         result = trainer.fit()
+    except TrainingFailedError as err:
+        raise_recorded_failure(run_id, run_uri)
+        raise_gave_up(run_id, err, max_failures)
     except Exception:
         raise_recorded_failure(run_id, run_uri)
         raise
+    except BaseException:  # SystemExit from closes_run's SIGTERM handler (`ray job stop`)
+        withdraw_resource_request(trainer)
+        raise
     raise_recorded_failure(run_id, run_uri)
     if result.error is not None:
-        raise result.error
+        raise_gave_up(run_id, result.error, max_failures)
     return result
+
+
+def withdraw_resource_request(trainer: TorchTrainer) -> None:
+    """Withdraw the run's `request_resources()` demand when the driver ends early. Ray Train
+    withdraws it only from its controller's shutdown hooks, which a driver that exits mid-fit
+    skips, and the autoscaler would go on asking for the run's workers for ~3 minutes (`ray
+    status`). Best effort: the coordinator actor and the requester id are Ray Train 2.60's."""
+    with contextlib.suppress(Exception):
+        coordinator = ray.get_actor("AutoscalingCoordinator", namespace="AutoscalingCoordinator")
+        requester = f"train-{trainer.train_run_context.run_id}"
+        ray.get(coordinator.cancel_request.remote(requester_id=requester), timeout=5)
+
+
+def raise_gave_up(run_id: str, err: BaseException, max_failures: int) -> NoReturn:
+    """Ray Train gave up on the run: one line (each failed rank with its error's last line, the
+    retry budget) tagged as `vl.failure` and raised as RunFailedError. Every rank is named: a
+    rank that died takes the others down with it (their collectives fail), and which of them
+    Ray lists first says nothing. Ray has already logged every traceback."""
+    failures = sorted((getattr(err, "worker_failures", None) or {}).items())
+    causes = [(f"rank {rank}", cause) for rank, cause in failures] or \
+        [("controller", getattr(err, "controller_failure", err))]
+    message = (f"training failed and was not retried further (scale.max_failures="
+               f"{max_failures}): {'; '.join(f'{w}: {last_line(c)}' for w, c in causes)}. "
+               f"Submit again with the same --name to resume from the last checkpoint")
+    MlflowClient().set_tag(run_id, "vl.failure", message[:5000])
+    raise RunFailedError(message) from None
+
+
+def last_line(err: BaseException, limit: int = 300) -> str:
+    """An error's last non-empty line (where Ray's wrapped tracebacks put the error itself)."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    return (lines[-1] if lines else type(err).__name__)[:limit]
 
 
 def raise_recorded_failure(run_id: str, run_uri: str) -> None:
@@ -432,6 +501,25 @@ def maybe_inject_fault(run_uri: str, step: int, fail_at: int, rank: int, world: 
     write_bytes(marker, f"rank {rank} exited at global step {step}\n".encode())
     say(f"[fault injection] rank {rank} exits at global step {step}")
     os._exit(1)
+
+
+def hold_marker(run_uri: str, step: int) -> str:
+    return f"{run_uri}/fault_held_at_step_{step}"
+
+
+def maybe_hold(run_uri: str, step: int, hold_at: int, rank: int, world: int) -> None:
+    """Fault injection for tests: one rank stops once per run at global step `hold_at`, writes
+    `hold_marker` and waits there, so that a test kills its process or node from outside at a
+    known step (mid-epoch) instead of at whatever step the clock happens to hit. The others
+    block in their next collective meanwhile. Goes on after HOLD_WAIT_S if nothing kills it."""
+    if hold_at < 0 or step != hold_at or rank != min(1, world - 1):
+        return
+    marker = hold_marker(run_uri, step)
+    if exists(marker):
+        return
+    write_bytes(marker, f"rank {rank} (pid {os.getpid()}) held at global step {step}\n".encode())
+    say(f"[fault injection] rank {rank} holds at global step {step}")
+    time.sleep(HOLD_WAIT_S)
 
 
 def maybe_fail_during_report(run_uri: str, epoch: int, fail_at: int, rank: int,
@@ -618,6 +706,7 @@ def train_worker(loop_config: dict[str, Any], rank: int) -> None:
 
         def on_step(step: int, _info: dict[str, float], base: int = steps_before) -> None:
             maybe_inject_fault(run_uri, base + step, cfg.scale.fail_at_step, rank, world)
+            maybe_hold(run_uri, base + step, cfg.scale.hold_at_step, rank, world)
 
         stats = train_one_epoch(state.model, state.criterion, train_loader, state.optimizer,
                                 epoch, device=device, grad_clip=t.grad_clip, bf16=t.bf16,
@@ -938,7 +1027,8 @@ def run(plan: JobPlan) -> dict[str, Any]:
           f"samples, {plan.cfg.scale.num_workers} workers", flush=True)
     with closes_run(run_id):
         with tracking.system_metrics(run_id):
-            result = fit(build_trainer(plan, run_id, use_gpu), run_id, plan.run_uri)
+            result = fit(build_trainer(plan, run_id, use_gpu), run_id, plan.run_uri,
+                         plan.cfg.scale.max_failures)
         prune_unrecorded_checkpoints(plan, result)
         summary = finalize(plan, run_id, result)
     tracking.finish_run(run_id, "FINISHED")
@@ -1005,7 +1095,7 @@ def main(argv: list[str] | None = None) -> int:
     except PreflightError as err:
         print(f"jobs.train: {err}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
-    except DeterministicFailureError as err:
+    except (DeterministicFailureError, RunFailedError) as err:
         print(f"jobs.train: {err}", file=sys.stderr, flush=True)
         return EXIT_FAILED
     print("RESULT " + json.dumps(summary, sort_keys=True, default=str), flush=True)

@@ -26,8 +26,8 @@ def submit(env: dict[str, str], submission_id: str, entrypoint: list[str], *, wa
            env_vars: dict[str, str] | None = None,
            timeout: float = 240) -> subprocess.CompletedProcess:
     """`ray job submit` (following the job's log unless `wait` is False); `env_vars` go into the
-    job's runtime env. The entrypoint should name `sys.executable`: the head's PATH may lack
-    the venv."""
+    job's runtime env. Entrypoints name `sys.executable`, the interpreter the head puts first
+    on its PATH anyway, so a test never depends on which `python` that PATH finds."""
     runtime_env: dict = {"excludes": WORKING_DIR_EXCLUDES}
     if env_vars:
         runtime_env["env_vars"] = env_vars

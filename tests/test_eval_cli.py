@@ -79,11 +79,20 @@ def test_success_prints_brief_and_writes_full(files, capsys):
 def test_bad_input_is_one_line_and_exit_2(files, capsys, rows, message):
     tmp, gt = files
     sub = write(tmp / "sub.jsonl", rows)
+    out_path = tmp / "out" / "metrics.json"
     code, out, err = run_main(capsys, "qvhighlights", "--submission", sub, "--gt", gt,
-                              "--strict")
+                              "--strict", "--out", out_path)
     assert code == 2 and out == ""
     assert err.count("\n") == 1 and err.startswith("vl.eval: error: ")
     assert __import__("re").search(message, err), err
+    assert_wrote_nothing(tmp, out_path)
+
+
+def assert_wrote_nothing(tmp: Path, out_path: Path) -> None:
+    """Bad input leaves no metrics file, partial or temporary, and no --out folder: a pipeline
+    that checks for the file must not pick up a half-written or empty result."""
+    assert not out_path.exists()
+    assert sorted(p.name for p in tmp.iterdir()) == ["gt.jsonl", "sub.jsonl"]
 
 
 def test_reversed_window_scores_iou_0_with_a_warning_unless_strict(files, capsys):
@@ -110,9 +119,12 @@ def test_reversed_window_scores_iou_0_with_a_warning_unless_strict(files, capsys
 def test_hostile_json_is_one_line_and_exit_2(files, capsys, line, message):
     tmp, gt = files
     sub = write(tmp / "sub.jsonl", [line])
-    code, out, err = run_main(capsys, "qvhighlights", "--submission", sub, "--gt", gt)
+    out_path = tmp / "out" / "metrics.json"
+    code, out, err = run_main(capsys, "qvhighlights", "--submission", sub, "--gt", gt,
+                              "--out", out_path)
     assert code == 2 and out == "" and err.count("\n") == 1
     assert __import__("re").search(message, err), err
+    assert_wrote_nothing(tmp, out_path)
 
 
 def test_metrics_json_holds_no_nan(files, capsys):

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 import urllib.error
 import urllib.request
@@ -22,9 +24,10 @@ import boto3
 import pytest
 import requests
 from mlflow.tracking import MlflowClient
+from ray.job_submission import JobStatus, JobSubmissionClient
 
-from cluster.local.common import quiet_env
-from cluster.local.ray_head import session_members
+from cluster.local.common import quiet_env, wait_for
+from cluster.local.ray_head import session_members, start_ray_head
 
 pytestmark = pytest.mark.integration
 
@@ -139,6 +142,81 @@ def test_ray_job_failure_exits_nonzero(finished_jobs):
     code, out = finished_jobs["fail"]
     assert code != 0
     assert "deliberate failure" in out
+
+
+# A job run with Ray Train's logging (its workers log the root logger at INFO): matplotlib logs
+# "generated new fontManager" when it finds no font cache, and the job reports the preemption
+# watcher switch as Ray Train's controller reads it.
+_QUIET_JOB = """
+import logging
+logging.basicConfig(level=logging.INFO)
+import matplotlib.pyplot
+from ray._private.ray_constants import env_bool
+from ray.train.v2._internal import constants
+print("PREEMPTION-WATCHER", env_bool(constants.ENABLE_PREEMPTION_WATCHER_ENV_VAR,
+                                     constants.DEFAULT_ENABLE_PREEMPTION_WATCHER))
+"""
+
+
+def _path_without(directory: Path) -> str:
+    """This process's PATH without `directory` (entries compared resolved)."""
+    return os.pathsep.join(entry for entry in os.environ.get("PATH", "").split(os.pathsep)
+                           if entry and Path(entry).resolve() != directory.resolve())
+
+
+@pytest.fixture(scope="module")
+def fresh_head_jobs() -> dict[str, tuple[JobStatus, str]]:
+    """Two jobs at once on a Ray head of their own, started the way `stack up` is from a shell
+    where the venv is not activated (its bin not on PATH), in a fresh temp dir (no matplotlib
+    font cache yet): `python` runs a bare `python` entrypoint that needs the venv's packages;
+    `quiet` runs `_QUIET_JOB` with this interpreter. Values: (final status, job log)."""
+    temp_dir = Path(tempfile.mkdtemp(prefix="vlf", dir="/tmp"))
+    head = start_ray_head(temp_dir, num_cpus=1, object_store_bytes=200_000_000,
+                          env={"PATH": _path_without(Path(sys.executable).parent)})
+    try:
+        token = head.token_path.read_text().strip()
+        client = JobSubmissionClient(head.dashboard_url,
+                                     headers={"Authorization": f"Bearer {token}"})
+        entrypoints = {
+            "python": "python -c " + shlex.quote(
+                "import sys, ray, vl; print('JOB-PREFIX', sys.prefix)"),
+            "quiet": shlex.join([sys.executable, "-c", _QUIET_JOB]),
+        }
+        ids = {name: client.submit_job(entrypoint=entrypoint, entrypoint_num_cpus=0)
+               for name, entrypoint in entrypoints.items()}
+        wait_for(lambda: all(client.get_job_status(i).is_terminal() for i in ids.values()),
+                 180, "the jobs on the fresh head")
+        return {name: (client.get_job_status(i), client.get_job_logs(i))
+                for name, i in ids.items()}
+    finally:
+        head.stop()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_bare_python_in_a_job_is_the_interpreter_that_started_the_head(fresh_head_jobs):
+    """`ray job submit -- python ...` finds the venv's python (and so ray, vl) although the
+    venv's bin was not on PATH when the head started."""
+    status, logs = fresh_head_jobs["python"]
+    assert status == JobStatus.SUCCEEDED, logs[-3000:]
+    prefix = re.search(r"^JOB-PREFIX (.+)$", logs, re.MULTILINE)
+    assert prefix and Path(prefix.group(1)).resolve() == Path(sys.prefix).resolve(), logs
+
+
+def test_the_first_job_on_a_fresh_head_does_not_build_the_font_cache(fresh_head_jobs):
+    """matplotlib's font cache is built when the head starts, in its private MPLCONFIGDIR:
+    no job log carries matplotlib's "generated new fontManager", not even the first."""
+    status, logs = fresh_head_jobs["quiet"]
+    assert status == JobStatus.SUCCEEDED, logs[-3000:]
+    assert "generated new fontManager" not in logs, logs[-3000:]
+
+
+def test_ray_train_preemption_watcher_is_off_in_jobs(fresh_head_jobs):
+    """Asserted through the switch, read by Ray Train's own reader and default as its
+    controller does, rather than by a training run (~30 s here), whose log would otherwise
+    carry the watcher's `core_worker.cc` error line."""
+    status, logs = fresh_head_jobs["quiet"]
+    assert status == JobStatus.SUCCEEDED, logs[-3000:]
+    assert "PREEMPTION-WATCHER False" in logs, logs[-3000:]
 
 
 def _cli(*args: str, root: Path) -> subprocess.CompletedProcess:

@@ -168,6 +168,38 @@ def test_a_fixed_label_or_new_features_reshard_under_new_names(tmp_path: Path, c
     assert read_manifest(out).shards[-1].path != after.shards[-1].path
 
 
+def test_a_run_that_fails_midway_leaves_the_live_set_as_it_was(tmp_path: Path, capsys) -> None:
+    """A re-run that writes a new first shard and then fails on a later one (a feature file
+    that no longer decodes) leaves the old manifest in place, every shard it lists intact, and
+    the old labels readable; once the file is fixed the next run finishes the swap."""
+    raw = generate(SyntheticConfig("qvhighlights", videos=4, seed=8, dims=DIMS), tmp_path / "raw")
+    out = str(tmp_path / "shards")
+    assert main(_args(raw, out)) == 0
+    before = read_manifest(out)
+    old_labels = read_annotations(out)
+    capsys.readouterr()
+
+    lines = raw.train_jsonl.read_text().splitlines()
+    first = json.loads(lines[0])
+    first["saliency_scores"] = [[0, 1, 2] for _ in first["saliency_scores"]]  # a fixed label
+    raw.train_jsonl.write_text("\n".join([json.dumps(first), *lines[1:]]) + "\n")
+    last = json.loads(lines[-1])
+    feature = next((raw.root / "slowfast_features").glob(f"{last['vid']}.npz"))
+    good = feature.read_bytes()
+    feature.write_bytes(good[: len(good) // 2])  # cut short, as a killed extractor leaves it
+    assert main(_args(raw, out)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"feature file {feature} does not load" in err
+    assert read_manifest(out) == before
+    for shard in before.shards:
+        assert (Path(out) / shard.path).stat().st_size == shard.bytes
+    assert read_annotations(out) == old_labels
+
+    feature.write_bytes(good)
+    assert main(_args(raw, out)) == 0
+    assert read_annotations(out)[0]["saliency_scores"] == first["saliency_scores"]
+
+
 @pytest.mark.parametrize("flag", ["--rows-per-shard", "--row-group-rows", "--max-v-l",
                                   "--max-q-l"])
 @pytest.mark.parametrize("value", ["0", "-3"])

@@ -292,11 +292,13 @@ def test_champion_alias_moves_only_to_a_better_model(mlflow_env, tmp_path):
     assert client.get_model_version_by_alias(low, "champion").version != worse_v
 
 
-def _lineage_run(experiment: str, dataset: str) -> str:
+def _lineage_run(experiment: str, dataset: str, video_features: tuple[str, ...] = ("clip",),
+                 text_features: tuple[str, ...] = ("clip",)) -> str:
     """A run with the config params jobs.train logs that decide a version's lineage."""
     run_id = tracking.start_or_resume_run(experiment, _name("run"))
-    tracking.log_params(run_id, {"data": {"dataset": dataset, "video_features": ["clip"],
-                                          "text_features": ["clip"]}})
+    tracking.log_params(run_id, {"data": {"dataset": dataset,
+                                          "video_features": list(video_features),
+                                          "text_features": list(text_features)}})
     return run_id
 
 
@@ -326,6 +328,30 @@ def test_champion_stays_within_its_dataset_and_metric(mlflow_env, tmp_path):
     client = MlflowClient()
     assert client.get_model_version_by_alias(name, "champion").version == v1
     assert client.get_model_version(name, v2).tags["vl.lineage.data.dataset"] == "charades"
+
+
+def test_champion_stays_within_its_feature_sets(mlflow_env, tmp_path):
+    """Same dataset and metric, other video or text feature sets: a model that reads other
+    inputs is not a drop-in replacement for the one serving, so even a far better score must
+    not take the alias; a later version of the champion's own feature sets still does."""
+    name = _name("vl-features")
+    experiment = _name("exp")
+    ckpt = _fake_checkpoint(tmp_path)
+    clip = _lineage_run(experiment, "qvhighlights")
+    v1, champ1 = serving.log_and_register_model(clip, ckpt, name, "MR-full-mAP", 30.0)
+    slowfast = _lineage_run(experiment, "qvhighlights", video_features=("slowfast", "clip"))
+    v2, champ2 = serving.log_and_register_model(slowfast, ckpt, name, "MR-full-mAP", 90.0)
+    blip = _lineage_run(experiment, "qvhighlights", text_features=("clip", "blip"))
+    v3, champ3 = serving.log_and_register_model(blip, ckpt, name, "MR-full-mAP", 95.0)
+    assert (champ1, champ2, champ3) == (True, False, False)
+    client = MlflowClient()
+    assert client.get_model_version_by_alias(name, "champion").version == v1
+    v2_tags, v3_tags = (client.get_model_version(name, v).tags for v in (v2, v3))
+    assert json.loads(v2_tags["vl.lineage.data.video_features"]) == ["slowfast", "clip"]
+    assert json.loads(v3_tags["vl.lineage.data.text_features"]) == ["clip", "blip"]
+    again = _lineage_run(experiment, "qvhighlights")  # another run, the champion's inputs
+    v4, champ4 = serving.log_and_register_model(again, ckpt, name, "MR-full-mAP", 31.0)
+    assert champ4 and client.get_model_version_by_alias(name, "champion").version == v4
 
 
 def test_champion_move_is_rechecked_against_a_concurrent_registration(mlflow_env, tmp_path):

@@ -6,6 +6,9 @@ jobs beside the rest of the train-job tests."""
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
 from pathlib import Path
 
 import pytest
@@ -13,8 +16,8 @@ from mlflow.tracking import MlflowClient
 from ray.job_submission import JobStatus
 
 from cluster.local.common import wait_for
-from cluster.local.ray_head import start_ray_worker_node
-from tests.jobs import client_env, submit
+from cluster.local.ray_head import start_ray_worker_node, train_worker_pids
+from tests.jobs import submit
 from tests.train_runs import (
     FAST,
     assert_each_step_logged_once,
@@ -24,7 +27,6 @@ from tests.train_runs import (
     entrypoint,
     epochs_trained,
     job_client,
-    make_shards,
     newest_complete_epoch,
     runs_named,
     s3,
@@ -32,16 +34,6 @@ from tests.train_runs import (
 )
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def stack_env(local_stack_env: dict[str, str]) -> dict[str, str]:
-    return client_env(local_stack_env)
-
-
-@pytest.fixture(scope="module")
-def shards(stack_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> str:
-    return make_shards(stack_env, tmp_path_factory.mktemp("synthetic"))
 
 
 def test_workers_lost_during_the_report_and_mid_epoch_resume_from_the_newest_checkpoint(
@@ -105,27 +97,79 @@ def test_workers_lost_during_the_report_and_mid_epoch_resume_from_the_newest_che
     assert_each_step_logged_once(run_id)
 
 
-def test_a_lost_node_costs_its_rank_and_the_job_finishes_on_the_nodes_left(
+def test_rank_0_killed_from_outside_restarts_and_max_failures_ends_the_run_in_one_line(
+        shards, stack_env, mlflow_env, ray_head):
+    """scale.max_failures=1 allows one restart. scale.hold_at_step=5 stops rank 1 in the
+    middle of epoch 1 (0-based; 3 steps per epoch, a checkpoint after every epoch) and there
+    rank 0 (the chief: it evaluates, checkpoints and logs) is SIGKILLed from outside, as the
+    OOM killer would: the group restarts from epoch 0's checkpoint. In the restarted group
+    rank 1 exits at step 8 (scale.fail_at_step), a second failure: Ray Train gives up, no third
+    start, and the job ends with one line naming the ranks and the retry budget, its MLflow run
+    FAILED with that line as `vl.failure`, epochs 0 and 1 each logged once."""
+    name = f"rank0-{uid()}"
+    hold_at, fail_at = 5, 8
+    run_uri = f"s3://vl-runs/test_train_job/{name}"
+    entry = entrypoint("--data", shards, "--storage", "s3://vl-runs/test_train_job",
+                        "--name", name, "--set", "train.epochs=4", "--set", "scale.max_failures=1",
+                        "--set", f"scale.hold_at_step={hold_at}",
+                        "--set", f"scale.fail_at_step={fail_at}", *FAST)
+    jobs = job_client(stack_env)
+    fs = s3(stack_env)
+    started = submit(stack_env, name, entry, wait=False, env_vars={"RAY_DEDUP_LOGS": "0"})
+    assert started.returncode == 0, started.stderr[-3000:]
+    marker = f"{run_uri}/fault_held_at_step_{hold_at}"
+    wait_for(lambda: fs.exists(marker) or jobs.get_job_status(name).is_terminal(), 180,
+             "rank 1 held at its step", poll_s=0.2)
+    assert fs.exists(marker), jobs.get_job_logs(name)[-5000:]
+    rank1 = int(re.search(r"pid (\d+)", fs.cat(marker).decode()).group(1))
+    workers = train_worker_pids(ray_head)
+    assert len(workers) == 2 and rank1 in workers, workers
+    os.kill(next(pid for pid in workers if pid != rank1), signal.SIGKILL)
+    wait_for(lambda: jobs.get_job_status(name).is_terminal(), 240, "the job")
+    log = jobs.get_job_logs(name).split("Status message:")[0]
+    assert jobs.get_job_status(name) == JobStatus.FAILED, log[-5000:]
+    assert log.count("Started training worker group of size") == 2, log[-5000:]
+    assert continued_epochs(log) == [2], log[-5000:]  # 1-based: epoch 1 again
+    assert f"[fault injection] rank 1 exits at global step {fail_at}" in log, log[-5000:]
+    summary = [ln for ln in log.splitlines() if ln.startswith("jobs.train: training failed")]
+    assert len(summary) == 1, log[-5000:]
+    assert "(scale.max_failures=1): rank " in summary[0] and "rank 1: " in summary[0], summary
+    runs = runs_named("videolights-smoke", name)
+    assert len(runs) == 1 and runs[0].info.status == "FAILED"
+    assert runs[0].data.tags["vl.failure"] == summary[0].removeprefix("jobs.train: ")
+    history = MlflowClient().get_metric_history(runs[0].info.run_id, "train_loss")
+    assert sorted(m.step for m in history) == [0, 1]
+
+
+def test_a_node_lost_mid_epoch_costs_its_rank_and_the_job_finishes_on_the_nodes_left(
         shards, stack_env, mlflow_env, ray_head, s3_server, mlflow_server):
     """A second Ray node (1 CPU) joins the head; scale.placement_strategy=SPREAD puts rank 1 on
-    it; once the first checkpoint is complete in storage the node dies (its raylet and every
-    process on it SIGKILLed, as a machine that is lost). Ray Train restarts the group on the
-    head's 2 CPUs from the newest checkpoint, within scale.max_failures, and the job finishes:
-    one MLflow run, every epoch's metrics exactly once."""
+    it. scale.hold_at_step=5 stops rank 1 in the middle of epoch 1 (0-based; 3 steps per epoch,
+    a checkpoint after every epoch), and there the node dies (its raylet and every process on
+    it SIGKILLed, as a machine that is lost). Ray Train restarts the group on the head's 2 CPUs
+    from epoch 0's checkpoint, within scale.max_failures, and the job finishes: only the
+    interrupted epoch is trained again, one MLflow run holds every epoch's metrics exactly
+    once."""
     name = f"node-{uid()}"
-    epochs = 4
+    epochs, hold_at = 4, 5
+    run_uri = f"s3://vl-runs/test_train_job/{name}"
     entry = entrypoint("--data", shards, "--storage", "s3://vl-runs/test_train_job",
                         "--name", name, "--set", f"train.epochs={epochs}",
-                        "--set", "scale.placement_strategy=SPREAD", *FAST)
+                        "--set", "scale.placement_strategy=SPREAD",
+                        "--set", f"scale.hold_at_step={hold_at}", *FAST)
     jobs = job_client(stack_env)
+    fs = s3(stack_env)
     node = start_ray_worker_node(ray_head, {**s3_server.env(), **mlflow_server.env()},
                                  num_cpus=1)
     try:
         started = submit(stack_env, name, entry, wait=False,
                          env_vars={"RAY_DEDUP_LOGS": "0"})
         assert started.returncode == 0, started.stderr[-3000:]
-        wait_for(lambda: newest_complete_epoch(stack_env, f"s3://vl-runs/test_train_job/{name}")
-                 is not None, 180, "first checkpoint", poll_s=0.2)
+        marker = f"{run_uri}/fault_held_at_step_{hold_at}"
+        wait_for(lambda: fs.exists(marker) or jobs.get_job_status(name).is_terminal(), 180,
+                 "rank 1 held at its step", poll_s=0.2)
+        assert fs.exists(marker), jobs.get_job_logs(name)[-5000:]
+        assert newest_complete_epoch(stack_env, run_uri) == 0
         node.kill()
         wait_for(lambda: jobs.get_job_status(name).is_terminal(), 240, "the job")
     finally:
@@ -135,8 +179,9 @@ def test_a_lost_node_costs_its_rank_and_the_job_finishes_on_the_nodes_left(
     groups = log.split("Started training worker group of size")[1:]
     assert len(groups) == 2, log[-5000:]
     assert "node_rank=1" in groups[0] and "node_rank=1" not in groups[1], log[-5000:]
-    continued = continued_epochs(log)
-    assert len(continued) == 1 and continued[0] >= 2, log[-5000:]
+    assert f"rank 1 holds at global step {hold_at}" in groups[0], log[-5000:]
+    assert continued_epochs(log) == [2], log[-5000:]  # 1-based: epoch 1 again
+    assert epochs_trained(log) == epochs, log[-5000:]  # the interrupted epoch, nothing more
     runs = runs_named("videolights-smoke", name)
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     run_id = runs[0].info.run_id

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import mlflow.pyfunc
@@ -42,7 +43,7 @@ from jobs.train import (
     write_fatal_record,
     write_run_record,
 )
-from tests.jobs import client_env, submit
+from tests.jobs import submit
 from tests.train_runs import (
     DIMS,
     FAST,
@@ -53,7 +54,6 @@ from tests.train_runs import (
     entrypoint,
     epochs_trained,
     job_client,
-    make_shards,
     newest_complete_epoch,
     runs_named,
     s3,
@@ -62,7 +62,7 @@ from tests.train_runs import (
 )
 from vl import tracking
 from vl.config import ExperimentConfig
-from vl.data.shards import ShardCorruptError, read_manifest
+from vl.data.shards import MANIFEST_NAME, ShardCorruptError, ShardManifest, read_manifest
 from vl.data.synthetic import SyntheticConfig, generate
 from vl.model import build_model
 
@@ -71,28 +71,21 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def stack_env(local_stack_env: dict[str, str]) -> dict[str, str]:
-    return client_env(local_stack_env)
-
-
-@pytest.fixture(scope="module")
-def shards(stack_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> str:
-    return make_shards(stack_env, tmp_path_factory.mktemp("synthetic"))
-
-
 def test_submit_stop_resubmit_register_and_predict(shards, stack_env, mlflow_env, tmp_path,
                                                    monkeypatch):
     """The product path: ray job submit; `ray job stop` as soon as the first checkpoint is
     complete in storage (whether or not Ray Train recorded it yet); resubmit with the same name
     -> it resumes right after the newest complete checkpoint (nothing redone at eval_every=1),
     ONE MLflow run holds every epoch exactly once, the best checkpoint is registered as
-    champion and the pyfunc loads and predicts."""
+    champion and the pyfunc loads and predicts. The first submission asks for one epoch less;
+    the resubmission extends it with --allow-config-change train.epochs (the param keeps its
+    first value, the change is a tag)."""
     name, model_name = f"e2e-{uid()}", f"vl-test-{uid()}"
     storage = "s3://vl-runs/test_train_job"
     epochs = 6
     entry = entrypoint("--data", shards, "--storage", storage, "--name", name,
-                        "--register-as", model_name, "--set", f"train.epochs={epochs}", *FAST)
+                        "--register-as", model_name, "--set", f"train.epochs={epochs - 1}",
+                        *FAST)
     first = f"{name}-a"
     started = submit(stack_env, first, entry, wait=False)
     assert started.returncode == 0, started.stderr[-3000:]
@@ -103,18 +96,25 @@ def test_submit_stop_resubmit_register_and_predict(shards, stack_env, mlflow_env
     jobs = job_client(stack_env)
     run_uri = f"{storage}/{name}"
     try:
+        # a running run asks the autoscaler for its workers (what `ray status` lists)
+        wait_for(lambda: "request_resources()" in cluster_status(stack_env), 120,
+                 "the run's resource request")
         wait_for(lambda: newest_complete_epoch(stack_env, run_uri) is not None, 180,
                  "first checkpoint", poll_s=0.2)
     finally:
         jobs.stop_job(first)
     wait_for(lambda: jobs.get_job_status(first).is_terminal(), 60, "the stopped job")
     assert jobs.get_job_status(first) == JobStatus.STOPPED
+    # the stopped run no longer asks the autoscaler for its workers (`ray status`)
+    wait_for(lambda: "request_resources()" not in cluster_status(stack_env), 30,
+             "the stopped run's resource request withdrawn")
     checkpointed = newest_complete_epoch(stack_env, run_uri)
     trained_first = epochs_trained(jobs.get_job_logs(first))
     # the stopped job closed its MLflow run (KILLED), rather than leaving it RUNNING
     assert [r.info.status for r in runs_named("videolights-smoke", name)] == ["KILLED"]
 
-    done = submit(stack_env, f"{name}-b", entry)
+    done = submit(stack_env, f"{name}-b", [*entry, "--set", f"train.epochs={epochs}",
+                                           "--allow-config-change", "train.epochs"])
     log = done.stdout + done.stderr
     assert done.returncode == 0, log[-5000:]
     continued = continued_epochs(log)
@@ -160,6 +160,9 @@ def test_submit_stop_resubmit_register_and_predict(shards, stack_env, mlflow_env
 
     smoke = ExperimentConfig.from_yaml("configs/smoke.yaml")
     assert run.data.params["model.hidden_dim"] == str(smoke.model.hidden_dim)  # flattened config
+    assert run.data.params["train.epochs"] == str(epochs - 1)  # params are immutable
+    assert [v for k, v in run.data.tags.items() if k.startswith("vl.config_change.")] \
+        == ["train.epochs"]
     assert not any("secret" in k.lower() or "SECRET" in v for k, v in run.data.params.items())
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
     assert {"plots/curves.png", "plots/saliency_examples.png"} <= artifacts
@@ -184,6 +187,16 @@ def test_submit_stop_resubmit_register_and_predict(shards, stack_env, mlflow_env
     assert predict_main(["--model", f"models:/{model_name}@champion", "--data", f"{shards}/val",
                          "--out", str(pred_file), "--gt"]) == 0
     assert len(pred_file.read_text().splitlines()) == 16
+
+
+def cluster_status(env: dict[str, str]) -> str:
+    """The text `ray status` prints, from the head's dashboard (no Ray client in this
+    process)."""
+    token = Path(env["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
+    request = urllib.request.Request(f"{env['RAY_ADDRESS']}/api/cluster_status?format=1",
+                                     headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())["data"]["clusterStatus"] or ""
 
 
 def test_each_rank_restores_from_a_copy_of_its_own(tmp_path):
@@ -247,6 +260,51 @@ def test_nan_loss_names_the_qid_and_is_not_retried(nan_shards, stack_env, mlflow
     runs = runs_named("videolights-smoke", name)
     assert len(runs) == 1 and runs[0].info.status == "FAILED"
     assert f"qid(s) [{qid}]" in runs[0].data.tags["vl.failure"]
+
+
+@pytest.fixture(scope="module")
+def corrupt_shards(stack_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory,
+                   ) -> tuple[str, str]:
+    """(prefix, shard uri): a small shard set on S3 whose first train shard had one byte
+    flipped after it was written (its manifest entry still holds the original size and
+    sha256), as a bad disk or a partial overwrite leaves it."""
+    layout = generate(
+        SyntheticConfig("qvhighlights", videos=8, seed=7, dims=DIMS,
+                        video_sets=("slowfast", "clip"), text_sets=("clip",), val_fraction=0.25),
+        tmp_path_factory.mktemp("synthetic-corrupt"),
+    )
+    prefix = shard_to_s3(layout, f"s3://vl-data/test_train_job/corrupt-{uid()}", stack_env, 6)
+    fs = s3(stack_env)
+    manifest = ShardManifest.from_json(fs.cat_file(f"{prefix}/train/{MANIFEST_NAME}").decode())
+    uri = f"{prefix}/train/{manifest.shards[0].path}"
+    data = bytearray(fs.cat_file(uri))
+    data[len(data) // 2] ^= 0x10
+    fs.pipe_file(uri, bytes(data))
+    return prefix, uri
+
+
+def test_a_corrupt_shard_names_itself_and_is_not_retried(corrupt_shards, stack_env,
+                                                          mlflow_env):
+    """A shard whose bytes no longer match its manifest is a deterministic failure like a NaN
+    (whose test shows that the restarted group does not train again): the failing rank records
+    it, so the job ends with the "deterministic error, not retried" line naming the shard, not
+    the line of a failure Ray gave up on (scale.max_failures=0 keeps this to one worker-group
+    start), and the MLflow run is FAILED with the line as `vl.failure`."""
+    prefix, uri = corrupt_shards
+    name = f"corrupt-{uid()}"
+    entry = entrypoint("--data", prefix, "--storage", "s3://vl-runs/test_train_job",
+                        "--name", name, "--set", "train.epochs=1", "--set",
+                        "scale.max_failures=0", *FAST)
+    done = submit(stack_env, name, entry, env_vars={"RAY_DEDUP_LOGS": "0"})
+    log = done.stdout.split("Status message:")[0]
+    assert done.returncode != 0, log[-5000:]
+    summary = [line for line in log.splitlines() if line.startswith("jobs.train: training")]
+    assert len(summary) == 1, log[-5000:]
+    assert summary[0].startswith("jobs.train: training stopped on a deterministic error")
+    assert f"checksum mismatch for shard {uri}" in summary[0]
+    runs = runs_named("videolights-smoke", name)
+    assert len(runs) == 1 and runs[0].info.status == "FAILED"
+    assert uri in runs[0].data.tags["vl.failure"]
 
 
 def test_a_failure_record_holds_one_line_and_lasts_one_submission(tmp_path):
@@ -398,7 +456,8 @@ def test_resume_with_another_config_is_refused_naming_the_keys(shards, stack_env
                                          "--set", "train.epochs=9"), capsys)
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
     assert f"train.lr: {plan.cfg.train.lr!r} -> 0.001" in err and "train.epochs: " in err
-    assert "--allow-config-change train.epochs,train.lr" in err
+    assert "--allow-config-change train.epochs to accept" in err
+    assert "train.lr cannot change on a resume" in err and "--init-from" in err
     assert MlflowClient().get_run(run_id).info.status == "KILLED"  # the run is untouched
 
     code, err = _train_main(_resume_args(shards, tmp_path, name, "--experiment", "elsewhere"),
@@ -409,6 +468,9 @@ def test_resume_with_another_config_is_refused_naming_the_keys(shards, stack_env
         shards, tmp_path, name, "--set", "train.epochs=9",
         "--allow-config-change", "train.epochs")))
     assert allowed.changed == ["train.epochs"] and allowed.finished is None
+    code, err = _train_main(_resume_args(shards, tmp_path, name, "--set", "train.lr=0.001",
+                                         "--allow-config-change", "train.lr"), capsys)
+    assert code == 2 and "train.lr cannot change on a resume" in err
 
     plan.shards["val"] = "0" * 64  # the run started on other val data under the same prefix
     write_run_record(plan)

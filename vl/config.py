@@ -216,6 +216,9 @@ class ScaleConfig:
     # fault injection for tests: rank 1 exits once during the report of this epoch (1-based, an
     # evaluation epoch), after rank 0's checkpoint is in storage and before Ray Train records it
     fail_at_report: int = -1
+    # fault injection for tests: rank 1 stops once at this global step and waits to be killed
+    # from outside (after writing a marker to the run's storage): a node lost at a known step
+    hold_at_step: int = -1
 
 
 # Keys that moved: an old config that still uses one fails with a message naming the new key.

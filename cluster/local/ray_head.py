@@ -9,6 +9,7 @@ to signal *its* process session (see `stop_session`).
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import secrets
@@ -31,6 +32,20 @@ RAY_SUBDIR = "r"
 # Ray puts AF_UNIX sockets at <temp-dir>/session_<date>_<usec>_<pid>/sockets/plasma_store.N; the
 # kernel caps a socket path at 107 bytes and everything after Ray's temp dir takes up to ~66.
 MAX_TEMP_DIR_CHARS = 40 - len(RAY_SUBDIR) - 1
+
+# The head's HOME (holding ray_bootstrap_config.yaml) and matplotlib's config and font-cache dir
+# (MPLCONFIGDIR), both private subdirectories of the temp dir that outlive one `stack up`.
+HOME_SUBDIR = "home"
+MPL_SUBDIR = "mpl"
+
+# Ray Train V2 starts a PreemptionWatcher actor per worker group (it polls Ray Core for nodes
+# drained as preempted, i.e. spot instances being reclaimed); creating it logs a core_worker.cc
+# error line (its constructor arguments sit in the object store and max_restarts=-1) into
+# every training job's log. A local stack has no spot nodes to reclaim, so the head turns the
+# watcher off (ray/train/v2/_internal/constants.py; the controller then never registers its
+# callback, and a lost node is an ordinary worker failure under FailureConfig.max_failures).
+# A value already in the environment wins.
+HEAD_ENV_DEFAULTS = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 # Ray's default worker port range is 10002..19999; every fixed port we pick lies outside it.
 _PORT_LOW, _PORT_HIGH = 20000, 40000
@@ -167,6 +182,7 @@ class RayHead:
     start_ticks: int | None = None
     log_path: Path | None = None
     popen: subprocess.Popen | None = field(default=None, repr=False)
+    font_cache: subprocess.Popen | None = field(default=None, repr=False)
 
     @property
     def gcs_address(self) -> str:
@@ -193,10 +209,14 @@ class RayHead:
 
     def stop(self, grace_s: float = 15.0) -> None:
         """SIGTERM the `--block` leader, reap it, SIGKILL the rest of its session."""
+        if self.font_cache is not None and self.font_cache.poll() is None:
+            self.font_cache.kill()
+            self.font_cache.wait()
         stop_session(self.pid, grace_s=grace_s, popen=self.popen, start_ticks=self.start_ticks)
 
     def wait_ready(self, timeout_s: float = 60.0) -> None:
-        """Block until the job API and the raylet answer; stop the head and raise otherwise."""
+        """Block until the job API and the raylet answer and matplotlib's font cache is built
+        (`_build_font_cache`); stop the head and raise otherwise."""
 
         def ready() -> bool:
             if self.popen is not None and self.popen.poll() is not None:
@@ -210,9 +230,28 @@ class RayHead:
 
         try:
             wait_for(ready, timeout_s, f"Ray head ({self.dashboard_url}, log {self.log_path})")
+            if self.font_cache is not None:
+                try:  # a failed build only means the first job builds the cache itself
+                    self.font_cache.wait(timeout=timeout_s)
+                except subprocess.TimeoutExpired:
+                    self.font_cache.kill()
+                    self.font_cache.wait()
         except BaseException:
             self.stop()
             raise
+
+
+def train_worker_pids(head: RayHead) -> list[int]:
+    """The live Ray Train worker processes (`ray::RayTrainWorker...`) of the head's session:
+    what a fault test or benchmark kills from outside, as the OOM killer would."""
+    found = []
+    for pid in session_members(os.getsid(head.pid)):
+        try:
+            if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::RayTrainWorker"):
+                found.append(pid)
+        except OSError:
+            continue
+    return sorted(found)
 
 
 def start_ray_head(
@@ -236,10 +275,11 @@ def start_ray_head(
     if len(set(ports.values())) != len(ports):  # free_port may hand out one port twice
         return start_ray_head(temp_dir, num_cpus, env, object_store_bytes, timeout_s, wait)
     log_path = temp_dir / "ray-head.log"
+    head_env = _head_env(env, temp_dir, token_path)
     with open(log_path, "ab") as log:
         popen = subprocess.Popen(
             _head_command(temp_dir, num_cpus, object_store_bytes, ports),
-            env=_head_env(env, home, token_path),
+            env=head_env,
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -255,6 +295,7 @@ def start_ray_head(
         start_ticks=process_start_ticks(popen.pid),
         log_path=log_path,
         popen=popen,
+        font_cache=_build_font_cache(head_env),
     )
     if wait:
         head.wait_ready(timeout_s)
@@ -284,7 +325,8 @@ def _prepare_temp_dir(temp_dir: Path) -> tuple[Path, Path, Path]:
             f"Ray temp dir {temp_dir} is {len(str(temp_dir))} characters; Ray's socket paths "
             f"overflow past {MAX_TEMP_DIR_CHARS}. Use a shorter path (e.g. under /tmp)."
         )
-    home = private_dir(temp_dir / "home")
+    home = private_dir(temp_dir / HOME_SUBDIR)
+    private_dir(temp_dir / MPL_SUBDIR)
     # With this file present Ray believes it runs on a launched cluster with a local provider
     # and skips the cloud-metadata probes its dashboard otherwise sends (STACK.md).
     (home / "ray_bootstrap_config.yaml").write_text("provider:\n  type: local\n")
@@ -313,21 +355,52 @@ def _head_command(temp_dir: Path, num_cpus: int, object_store_bytes: int,
     ]
 
 
-def _head_env(env: dict[str, str] | None, home: Path, token_path: Path) -> dict[str, str]:
-    """The head's environment: `env` with the no-telemetry switches, token auth, its own HOME,
-    and nothing inherited that would point it at another cluster."""
+def _head_env(env: dict[str, str] | None, temp_dir: Path, token_path: Path) -> dict[str, str]:
+    """The head's environment: `env` with the no-telemetry switches, token auth, its own HOME
+    and MPLCONFIGDIR, this interpreter's directory first on PATH, `HEAD_ENV_DEFAULTS`, and
+    nothing inherited that would point it at another cluster.
+
+    PATH: `ray job submit -- python ...` runs `python` as found on the PATH of the head (its
+    raylet spawns the job), so the directory of the interpreter that starts the head (the
+    venv's bin, holding `python` and `ray`) goes first, whether or not the venv is activated.
+    Not resolved: a venv's `python` is a symlink to the base interpreter, whose directory lacks
+    the venv's packages.
+    """
     child_env = quiet_env(env)
     for name in _INHERITED_VARS:
         child_env.pop(name, None)
+    for name, value in HEAD_ENV_DEFAULTS.items():
+        child_env.setdefault(name, value)
+    bin_dir = str(Path(sys.executable).parent)
+    rest = [entry for entry in child_env.get("PATH", "").split(os.pathsep)
+            if entry and entry != bin_dir]
     child_env.update(
         {
-            "HOME": str(home),
+            "PATH": os.pathsep.join([bin_dir, *rest]),
+            "HOME": str(temp_dir / HOME_SUBDIR),
+            # matplotlib's font cache, built once per temp dir (`_build_font_cache`) instead
+            # of by the first process of every fresh stack, which logs "generated new
+            # fontManager" (at INFO: Ray Train's workers log the root logger at INFO).
+            "MPLCONFIGDIR": str(temp_dir / MPL_SUBDIR),
             "RAY_AUTH_MODE": "token",
             "RAY_AUTH_TOKEN_PATH": str(token_path),
             "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
         }
     )
     return child_env
+
+
+def _build_font_cache(head_env: dict[str, str]) -> subprocess.Popen | None:
+    """Start building matplotlib's font cache in the head's MPLCONFIGDIR (~1 s, beside the
+    head's own start) unless it is there already or matplotlib is not installed; the handle
+    goes to `RayHead.wait_ready`, so no job starts before the cache is in place."""
+    mpl_dir = Path(head_env["MPLCONFIGDIR"])
+    if importlib.util.find_spec("matplotlib") is None or any(mpl_dir.glob("fontlist-v*.json")):
+        return None
+    return subprocess.Popen(
+        [sys.executable, "-c", "import matplotlib.font_manager"], env=head_env,
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
 
 
 # The ports a worker node's `ray start` opens besides its workers' (the GCS is the head's).
@@ -408,7 +481,7 @@ def start_ray_worker_node(
     log_path = head.temp_dir / f"ray-node-{ports['node-manager-port']}.log"
     with open(log_path, "ab") as log:
         popen = subprocess.Popen(
-            command, env={**_head_env(env, head.temp_dir / "home", head.token_path),
+            command, env={**_head_env(env, head.temp_dir, head.token_path),
                           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"},  # joining is multi-node
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True)  # fmt: skip

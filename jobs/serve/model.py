@@ -1,7 +1,10 @@
 """Which registered model version answers, and loading it through MLflow's public API.
 
 Why through `mlflow.pyfunc.load_model` and `MlflowClient` only: the server must run whatever
-the registry holds (the pyfunc class is pickled with the model), not a class it imports itself.
+version the registry holds, not a network it builds itself. Each version is logged as MLflow
+"models from code" (`vl/served_model.py`, see `vl.serving.log_model`): loading runs that code
+file, which imports the pyfunc class from the installed package, and the class rebuilds the
+network from the config in the version's weights-only checkpoint. Nothing is unpickled.
 An alias is resolved to a version number *before* loading, so the version a response names is
 exactly the one whose weights answered, even when the alias moves in between.
 """

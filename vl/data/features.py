@@ -8,6 +8,7 @@ Both the shard converter and the per-sample npz baseline read features through t
 from __future__ import annotations
 
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -148,11 +149,22 @@ def text_feature_file(d: FeatureDir, qid: int | str, dataset: str) -> Path | Non
     return p if p.is_file() else None
 
 
+class FeatureFileError(ValueError):
+    """A feature file exists but does not load (cut short, not an npz/npy, the key missing):
+    the message names the file, so the one bad extraction can be redone."""
+
+
 def _read_array(path: Path, key: str) -> np.ndarray:
-    if path.suffix == ".npy":
-        return np.load(path)
-    with np.load(path) as z:
-        return z[key]
+    """The array under `key` of an npz (the whole array of an npy); FeatureFileError naming
+    the file when its bytes do not load."""
+    try:
+        if path.suffix == ".npy":
+            return np.load(path)
+        with np.load(path) as z:
+            return z[key]
+    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as err:
+        raise FeatureFileError(f"feature file {path} does not load ({type(err).__name__}: "
+                               f"{err}); extract it again") from None
 
 
 def load_video_set(d: FeatureDir, vid: str, max_v_l: int | None = None) -> np.ndarray:
