@@ -65,7 +65,8 @@ def test_workers_lost_during_the_report_and_mid_epoch_resume_from_the_newest_che
                         "--set", f"scale.fail_at_report={fail_at_report}",
                         "--set", f"scale.fail_at_step={fail_at_step}", *FAST,
                         "--set", f"train.eval_every={eval_every}")
-    done = submit(stack_env, name, entry, env_vars={"RAY_DEDUP_LOGS": "0"})
+    # three worker-group starts: minutes on a loaded 2-core machine
+    done = submit(stack_env, name, entry, env_vars={"RAY_DEDUP_LOGS": "0"}, timeout=600)
     log = (done.stdout + done.stderr).split("Status message:")[0]
     assert done.returncode == 0, log[-5000:]
     assert f"[fault injection] rank 1 exits during the report of epoch {fail_at_report}" in log
@@ -125,7 +126,7 @@ def test_rank_0_killed_from_outside_restarts_and_max_failures_ends_the_run_in_on
     workers = train_worker_pids(ray_head)
     assert len(workers) == 2 and rank1 in workers, workers
     os.kill(next(pid for pid in workers if pid != rank1), signal.SIGKILL)
-    wait_for(lambda: jobs.get_job_status(name).is_terminal(), 240, "the job")
+    wait_for(lambda: jobs.get_job_status(name).is_terminal(), 480, "the job")
     log = jobs.get_job_logs(name).split("Status message:")[0]
     assert jobs.get_job_status(name) == JobStatus.FAILED, log[-5000:]
     assert log.count("Started training worker group of size") == 2, log[-5000:]
@@ -171,7 +172,7 @@ def test_a_node_lost_mid_epoch_costs_its_rank_and_the_job_finishes_on_the_nodes_
         assert fs.exists(marker), jobs.get_job_logs(name)[-5000:]
         assert newest_complete_epoch(stack_env, run_uri) == 0
         node.kill()
-        wait_for(lambda: jobs.get_job_status(name).is_terminal(), 240, "the job")
+        wait_for(lambda: jobs.get_job_status(name).is_terminal(), 480, "the job")
     finally:
         node.stop()
     log = jobs.get_job_logs(name)
