@@ -483,41 +483,37 @@ def raise_recorded_failure(run_id: str, run_uri: str) -> None:
 
 
 # ---- the worker loop -------------------------------------------------------------------------
-def fault_marker(run_uri: str, step: int) -> str:
-    return f"{run_uri}/fault_injected_at_step_{step}"
+def claim_fault(marker: str, rank: int, world: int, note: str) -> bool:
+    """Fault injection for tests: True on the rank that takes injected faults (rank 1, or 0
+    alone) the first time only, after writing `note` to the `marker` object. The marker lives
+    in the run's storage, so the replacement worker group (and a resubmitted job) finds that
+    the fault already happened and goes on."""
+    if rank != min(1, world - 1) or exists(marker):
+        return False
+    write_bytes(marker, f"{note}\n".encode())
+    return True
 
 
 def maybe_inject_fault(run_uri: str, step: int, fail_at: int, rank: int, world: int) -> None:
-    """Fault injection for tests: one rank dies hard, once per run, at global step `fail_at`.
-
-    The marker lives in the run's storage, so the replacement worker group (and a resubmitted
-    job) sees that the fault already happened.
-    """
-    if fail_at < 0 or step != fail_at or rank != min(1, world - 1):
+    """Fault injection for tests: one rank dies hard, once per run, at global step `fail_at`."""
+    if fail_at < 0 or step != fail_at or not claim_fault(
+            f"{run_uri}/fault_injected_at_step_{step}", rank, world,
+            f"rank {rank} exited at global step {step}"):
         return
-    marker = fault_marker(run_uri, step)
-    if exists(marker):
-        return
-    write_bytes(marker, f"rank {rank} exited at global step {step}\n".encode())
     say(f"[fault injection] rank {rank} exits at global step {step}")
     os._exit(1)
 
 
-def hold_marker(run_uri: str, step: int) -> str:
-    return f"{run_uri}/fault_held_at_step_{step}"
-
-
 def maybe_hold(run_uri: str, step: int, hold_at: int, rank: int, world: int) -> None:
-    """Fault injection for tests: one rank stops once per run at global step `hold_at`, writes
-    `hold_marker` and waits there, so that a test kills its process or node from outside at a
-    known step (mid-epoch) instead of at whatever step the clock happens to hit. The others
-    block in their next collective meanwhile. Goes on after HOLD_WAIT_S if nothing kills it."""
-    if hold_at < 0 or step != hold_at or rank != min(1, world - 1):
+    """Fault injection for tests: one rank stops once per run at global step `hold_at`, after
+    writing `fault_held_at_step_N` (with its pid) to the run's storage, and waits there, so that
+    a test kills its process or node from outside at a known step (mid-epoch) instead of at
+    whatever step the clock happens to hit. The others block in their next collective
+    meanwhile. Goes on after HOLD_WAIT_S if nothing kills it."""
+    if hold_at < 0 or step != hold_at or not claim_fault(
+            f"{run_uri}/fault_held_at_step_{step}", rank, world,
+            f"rank {rank} (pid {os.getpid()}) held at global step {step}"):
         return
-    marker = hold_marker(run_uri, step)
-    if exists(marker):
-        return
-    write_bytes(marker, f"rank {rank} (pid {os.getpid()}) held at global step {step}\n".encode())
     say(f"[fault injection] rank {rank} holds at global step {step}")
     time.sleep(HOLD_WAIT_S)
 
@@ -528,12 +524,10 @@ def maybe_fail_during_report(run_uri: str, epoch: int, fail_at: int, rank: int,
     rank dies hard once rank 0's checkpoint of that epoch is complete in storage and before
     its own report reaches Ray Train, so the controller never records that checkpoint (what a
     worker lost while rank 0 evaluates and reports does)."""
-    if fail_at < 0 or epoch + 1 != fail_at or rank != min(1, world - 1):
+    if fail_at < 0 or epoch + 1 != fail_at or not claim_fault(
+            f"{run_uri}/fault_injected_at_report_{fail_at}", rank, world,
+            f"rank {rank} exited during the report of epoch {fail_at}"):
         return
-    marker = f"{run_uri}/fault_injected_at_report_{fail_at}"
-    if exists(marker):
-        return
-    write_bytes(marker, f"rank {rank} exited during the report of epoch {fail_at}\n".encode())
     deadline = time.monotonic() + FAULT_WAIT_S
     while not any(seal["epoch"] == epoch for _, seal in complete_checkpoints(run_uri)):
         if time.monotonic() > deadline:

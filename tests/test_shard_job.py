@@ -136,6 +136,16 @@ def _summary(out: str) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
+def _fix_first_label(raw, scores: list[int]) -> tuple[dict, list[str]]:
+    """Give the first query of the raw layout other saliency scores (a fixed label): (that row,
+    every annotation line as it was)."""
+    lines = raw.train_jsonl.read_text().splitlines()
+    first = json.loads(lines[0])
+    first["saliency_scores"] = [list(scores) for _ in first["saliency_scores"]]
+    raw.train_jsonl.write_text("\n".join([json.dumps(first), *lines[1:]]) + "\n")
+    return first, lines
+
+
 def test_a_fixed_label_or_new_features_reshard_under_new_names(tmp_path: Path, capsys) -> None:
     """The "already done" digest covers the annotation rows and the feature bytes: a fixed label
     or a re-extracted feature file rewrites its shard under a new name, the manifest moves to
@@ -146,10 +156,7 @@ def test_a_fixed_label_or_new_features_reshard_under_new_names(tmp_path: Path, c
     before = read_manifest(out)
     capsys.readouterr()
 
-    lines = raw.train_jsonl.read_text().splitlines()
-    first = json.loads(lines[0])
-    first["saliency_scores"] = [[4, 4, 4] for _ in first["saliency_scores"]]  # a fixed label
-    raw.train_jsonl.write_text("\n".join([json.dumps(first), *lines[1:]]) + "\n")
+    first, lines = _fix_first_label(raw, [4, 4, 4])
     assert main(_args(raw, out)) == 0
     assert _summary(capsys.readouterr().out)["converted"] == 1
     after = read_manifest(out)
@@ -179,10 +186,7 @@ def test_a_run_that_fails_midway_leaves_the_live_set_as_it_was(tmp_path: Path, c
     old_labels = read_annotations(out)
     capsys.readouterr()
 
-    lines = raw.train_jsonl.read_text().splitlines()
-    first = json.loads(lines[0])
-    first["saliency_scores"] = [[0, 1, 2] for _ in first["saliency_scores"]]  # a fixed label
-    raw.train_jsonl.write_text("\n".join([json.dumps(first), *lines[1:]]) + "\n")
+    first, lines = _fix_first_label(raw, [0, 1, 2])
     last = json.loads(lines[-1])
     feature = next((raw.root / "slowfast_features").glob(f"{last['vid']}.npz"))
     good = feature.read_bytes()

@@ -241,25 +241,33 @@ def test_nan_loss_names_the_qid_and_is_not_retried(nan_shards, stack_env, mlflow
     finds the failure record and returns) although scale.max_failures=2 would allow three
     starts, and the MLflow run is FAILED with the message as its `vl.failure` tag."""
     prefix, qid = nan_shards
-    name = f"nan-{uid()}"
+    log, summary, tags = failed_job(stack_env, prefix, f"nan-{uid()}", epochs=2, max_failures=2)
+    assert f"non-finite input features in qid(s) [{qid}]" in summary
+    assert "in the batch of qids [" in summary
+    assert log.count("Started training worker group of size") == 2, log[-5000:]
+    assert log.count("not training again") == 1, log[-5000:]
+    assert f"qid(s) [{qid}]" in tags["vl.failure"]
+
+
+def failed_job(stack_env: dict[str, str], prefix: str, name: str, epochs: int,
+               max_failures: int) -> tuple[str, str, dict[str, str]]:
+    """Submit a train job on `prefix` that must stop on a deterministic error: (the job's log,
+    its one summary line, the tags of its one MLflow run, which is FAILED). The log keeps
+    every line (Ray folds identical lines of several processes into one unless told not to),
+    without the tail the CLI repeats after "Status message:"."""
     entry = entrypoint("--data", prefix, "--storage", "s3://vl-runs/test_train_job",
-                        "--name", name, "--set", "train.epochs=2", "--set",
-                        "scale.max_failures=2", *FAST)
-    # The job's own log, every line kept (Ray folds identical lines of several processes into
-    # one unless told not to), without the tail the CLI repeats after "Status message:".
+                        "--name", name, "--set", f"train.epochs={epochs}", "--set",
+                        f"scale.max_failures={max_failures}", *FAST)
     done = submit(stack_env, name, entry, env_vars={"RAY_DEDUP_LOGS": "0"})
     log = done.stdout.split("Status message:")[0]
     assert done.returncode != 0, log[-5000:]
-    summary = [line for line in log.splitlines()
-               if line.startswith("jobs.train: training stopped")]
+    summary = [line for line in log.splitlines() if line.startswith("jobs.train: training")]
     assert len(summary) == 1, log[-5000:]
-    assert f"non-finite input features in qid(s) [{qid}]" in summary[0]
-    assert "in the batch of qids [" in summary[0] and "not retried" in summary[0]
-    assert log.count("Started training worker group of size") == 2, log[-5000:]
-    assert log.count("not training again") == 1, log[-5000:]
+    assert summary[0].startswith("jobs.train: training stopped on a deterministic error, not "
+                                 "retried"), summary
     runs = runs_named("videolights-smoke", name)
     assert len(runs) == 1 and runs[0].info.status == "FAILED"
-    assert f"qid(s) [{qid}]" in runs[0].data.tags["vl.failure"]
+    return log, summary[0], runs[0].data.tags
 
 
 @pytest.fixture(scope="module")
@@ -291,20 +299,10 @@ def test_a_corrupt_shard_names_itself_and_is_not_retried(corrupt_shards, stack_e
     the line of a failure Ray gave up on (scale.max_failures=0 keeps this to one worker-group
     start), and the MLflow run is FAILED with the line as `vl.failure`."""
     prefix, uri = corrupt_shards
-    name = f"corrupt-{uid()}"
-    entry = entrypoint("--data", prefix, "--storage", "s3://vl-runs/test_train_job",
-                        "--name", name, "--set", "train.epochs=1", "--set",
-                        "scale.max_failures=0", *FAST)
-    done = submit(stack_env, name, entry, env_vars={"RAY_DEDUP_LOGS": "0"})
-    log = done.stdout.split("Status message:")[0]
-    assert done.returncode != 0, log[-5000:]
-    summary = [line for line in log.splitlines() if line.startswith("jobs.train: training")]
-    assert len(summary) == 1, log[-5000:]
-    assert summary[0].startswith("jobs.train: training stopped on a deterministic error")
-    assert f"checksum mismatch for shard {uri}" in summary[0]
-    runs = runs_named("videolights-smoke", name)
-    assert len(runs) == 1 and runs[0].info.status == "FAILED"
-    assert uri in runs[0].data.tags["vl.failure"]
+    _, summary, tags = failed_job(stack_env, prefix, f"corrupt-{uid()}", epochs=1,
+                                  max_failures=0)
+    assert f"checksum mismatch for shard {uri}" in summary
+    assert uri in tags["vl.failure"]
 
 
 def test_a_failure_record_holds_one_line_and_lasts_one_submission(tmp_path):
