@@ -46,6 +46,7 @@ from cluster.local.common import WORKING_DIR_EXCLUDES, wait_for
 from cluster.local.ray_head import session_members, start_ray_worker_node, train_worker_pids
 from cluster.local.stack import LocalStack
 from jobs.shard import run as shard_run
+from jobs.train import hold_marker
 from vl.checkpoint import checkpoint_folders, complete_checkpoints
 from vl.data.synthetic import SyntheticConfig, generate
 from vl.storage import exists
@@ -182,7 +183,7 @@ def run_fault(bench: Bench, fault: str, pause_s: float) -> dict[str, Any]:
             hold_at = bench.eval_every * STEPS_PER_EPOCH + 2
             job = bench.submit(name, "--set", "scale.placement_strategy=SPREAD",
                                "--set", f"scale.hold_at_step={hold_at}")
-            marker = f"{bench.run_uri(name)}/fault_held_at_step_{hold_at}"
+            marker = hold_marker(bench.run_uri(name), hold_at)
             wait_for(lambda: exists(marker), 300, "rank 1 held at its step", poll_s=0.2)
             node.kill()
             extra.update(node_killed_at_step=hold_at,

@@ -313,11 +313,13 @@ def check_resume(plan: JobPlan, allowed: set[str]) -> None:
     refused = [k for k in diff if k not in allowed]
     if refused:
         shown = "; ".join(f"{k}: {saved.get(k)!r} -> {new.get(k)!r}" for k in refused)
-        changeable = [k for k in refused if not fixed_on_resume(k)]
         fixed = [k for k in refused if fixed_on_resume(k)]
-        hints = ([f"pass --allow-config-change {','.join(changeable)} to accept"]
-                 if changeable else []) + \
-                ([f"{', '.join(fixed)} cannot change on a resume {FIXED_WHY}"] if fixed else [])
+        changeable = [k for k in refused if k not in fixed]
+        hints = []
+        if changeable:
+            hints.append(f"pass --allow-config-change {','.join(changeable)} to accept")
+        if fixed:
+            hints.append(f"{', '.join(fixed)} cannot change on a resume {FIXED_WHY}")
         raise PreflightError(
             f"--name {plan.name} resumes {plan.run_uri} with a different config ({shown}); "
             f"{'; '.join(hints)}, or use another --name")
@@ -374,13 +376,12 @@ DETERMINISTIC_ERRORS: tuple[type[BaseException], ...] = (FloatingPointError, Sha
 
 
 class RunFailedError(RuntimeError):
-    """Ray Train gave up on the run (scale.max_failures used up); the message is the one line
-    the user sees (the job exits 1, its MLflow run FAILED)."""
+    """The training failed: Ray Train gave up on the run (scale.max_failures used up). The
+    message is the one line the user sees (the job exits 1, its MLflow run FAILED)."""
 
 
-class DeterministicFailureError(RuntimeError):
-    """The training stopped on a deterministic error; the message is the one line the user
-    sees (the job exits 1, its MLflow run FAILED)."""
+class DeterministicFailureError(RunFailedError):
+    """The training stopped on a deterministic error, not retried."""
 
 
 def one_line(err: BaseException) -> str:
@@ -504,14 +505,20 @@ def maybe_inject_fault(run_uri: str, step: int, fail_at: int, rank: int, world: 
     os._exit(1)
 
 
+def hold_marker(run_uri: str, step: int) -> str:
+    """The object a rank held by `scale.hold_at_step` writes (its rank and pid): what a test
+    or benchmark waits for before it kills that rank's process or node."""
+    return f"{run_uri}/fault_held_at_step_{step}"
+
+
 def maybe_hold(run_uri: str, step: int, hold_at: int, rank: int, world: int) -> None:
     """Fault injection for tests: one rank stops once per run at global step `hold_at`, after
-    writing `fault_held_at_step_N` (with its pid) to the run's storage, and waits there, so that
+    writing `hold_marker` (with its pid) to the run's storage, and waits there, so that
     a test kills its process or node from outside at a known step (mid-epoch) instead of at
     whatever step the clock happens to hit. The others block in their next collective
     meanwhile. Goes on after HOLD_WAIT_S if nothing kills it."""
     if hold_at < 0 or step != hold_at or not claim_fault(
-            f"{run_uri}/fault_held_at_step_{step}", rank, world,
+            hold_marker(run_uri, step), rank, world,
             f"rank {rank} (pid {os.getpid()}) held at global step {step}"):
         return
     say(f"[fault injection] rank {rank} holds at global step {step}")
@@ -1089,7 +1096,7 @@ def main(argv: list[str] | None = None) -> int:
     except PreflightError as err:
         print(f"jobs.train: {err}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
-    except (DeterministicFailureError, RunFailedError) as err:
+    except RunFailedError as err:  # a DeterministicFailureError too
         print(f"jobs.train: {err}", file=sys.stderr, flush=True)
         return EXIT_FAILED
     print("RESULT " + json.dumps(summary, sort_keys=True, default=str), flush=True)

@@ -17,6 +17,7 @@ from ray.job_submission import JobStatus
 
 from cluster.local.common import wait_for
 from cluster.local.ray_head import start_ray_worker_node, train_worker_pids
+from jobs.train import hold_marker
 from tests.jobs import submit
 from tests.train_runs import (
     FAST,
@@ -118,7 +119,7 @@ def test_rank_0_killed_from_outside_restarts_and_max_failures_ends_the_run_in_on
     fs = s3(stack_env)
     started = submit(stack_env, name, entry, wait=False, env_vars={"RAY_DEDUP_LOGS": "0"})
     assert started.returncode == 0, started.stderr[-3000:]
-    marker = f"{run_uri}/fault_held_at_step_{hold_at}"
+    marker = hold_marker(run_uri, hold_at)
     wait_for(lambda: fs.exists(marker) or jobs.get_job_status(name).is_terminal(), 180,
              "rank 1 held at its step", poll_s=0.2)
     assert fs.exists(marker), jobs.get_job_logs(name)[-5000:]
@@ -166,7 +167,7 @@ def test_a_node_lost_mid_epoch_costs_its_rank_and_the_job_finishes_on_the_nodes_
         started = submit(stack_env, name, entry, wait=False,
                          env_vars={"RAY_DEDUP_LOGS": "0"})
         assert started.returncode == 0, started.stderr[-3000:]
-        marker = f"{run_uri}/fault_held_at_step_{hold_at}"
+        marker = hold_marker(run_uri, hold_at)
         wait_for(lambda: fs.exists(marker) or jobs.get_job_status(name).is_terminal(), 180,
                  "rank 1 held at its step", poll_s=0.2)
         assert fs.exists(marker), jobs.get_job_logs(name)[-5000:]
