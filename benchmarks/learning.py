@@ -151,7 +151,7 @@ def make_data(root: Path, seed: int, videos: int) -> Path:
     return out
 
 
-def _load_split(root: Path, name: str) -> tuple[list, list, list, list[dict]]:
+def load_split(root: Path, name: str) -> tuple[list, list, list, list[dict]]:
     """(annotations, video feature sets, text feature sets, raw GT rows) of one split, in RAM."""
     meta = json.loads((root / "synthetic.json").read_text())["layout"]
     vdirs = parse_feature_dirs(meta["video_dirs"], "video")
@@ -165,7 +165,8 @@ def _load_split(root: Path, name: str) -> tuple[list, list, list, list[dict]]:
     return anns, [video[a.vid] for a in anns], text, gt
 
 
-def _batches(split, cfg: ExperimentConfig, epoch: int, batch_size: int, shuffle: bool):
+def epoch_batches(split, cfg: ExperimentConfig, epoch: int, batch_size: int, shuffle: bool):
+    """One epoch of collated batches of a split (the training sampler: seeded per epoch)."""
     anns, video, text, _ = split
     order = np.arange(len(anns))
     if shuffle:
@@ -181,15 +182,15 @@ def run_one(variant: str, seed: int, setup: Setup) -> dict[str, Any]:
     overrides = [*setup.overrides(), f"train.seed={seed}", *setup.extra, *VARIANTS[variant]]
     cfg = ExperimentConfig.from_preset(setup.preset, overrides)
     root = make_data(Path(setup.data_root), seed, setup.videos)
-    train, val = _load_split(root, "train"), _load_split(root, "val")
+    train, val = load_split(root, "train"), load_split(root, "val")
     torch.manual_seed(seed)
     model = build_model(cfg.model)
     criterion = build_criterion(cfg.loss)
     optimizer, scheduler = build_optimizer(model, cfg.train)
     start, history, best, evals = time.perf_counter(), [], None, []
-    val_batches = _batches(val, cfg, 0, 100, shuffle=False)
+    val_batches = epoch_batches(val, cfg, 0, 100, shuffle=False)
     for epoch in range(cfg.train.epochs):
-        batches = _batches(train, cfg, epoch, cfg.data.batch_size, shuffle=True)
+        batches = epoch_batches(train, cfg, epoch, cfg.data.batch_size, shuffle=True)
         stats = train_one_epoch(model, criterion, batches, optimizer, epoch,
                                 grad_clip=cfg.train.grad_clip)
         scheduler.step()

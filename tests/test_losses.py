@@ -49,6 +49,28 @@ def test_all_terms_finite_and_named():
     assert float(losses["hard_weight"]) == 5 * cfg.loss.hl_coef  # W_j = (epoch + 1) * hl
 
 
+def test_the_weighted_summands_make_the_total_and_each_coefficient_scales_its_own_term():
+    cfg = tiny_config("model.span_nce=true", "loss.span_nce_coef=0.3")
+    model = build_model(cfg.model)
+    batch = tiny_batch(cfg)
+    torch.manual_seed(0)
+    crit = build_criterion(cfg.loss)
+    with torch.no_grad():
+        losses = crit(forward(model, batch), batch, epoch=2)
+    w_hard = float(losses["hard_weight"])
+    weighted = crit.weighted(losses, w_hard)
+    assert float(sum(weighted.values())) == pytest.approx(float(losses["loss"]), rel=1e-6)
+    c = cfg.loss
+    expect = {"loss_ts": c.saliency_coef * c.scsl_coef, "loss_tc": c.saliency_coef * c.tcl_coef,
+              "loss_hard_pos": c.saliency_coef * w_hard, "loss_sym": c.al_coef,
+              "loss_sal_align": c.sal_align_coef, "loss_label_0": c.label_coef,
+              "loss_giou": c.giou_coef, "loss_span": c.span_coef,
+              "loss_span_nce": c.span_nce_coef}
+    for name, coef in expect.items():
+        assert float(weighted[name]) == pytest.approx(coef * float(losses[name]), rel=1e-6), name
+    assert "loss_saliency" not in weighted and "hard_weight" not in weighted  # not summands
+
+
 def test_perfect_spans_give_zero_span_and_giou_loss():
     cfg = tiny_config()
     batch = tiny_batch(cfg, batch_size=3)

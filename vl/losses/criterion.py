@@ -219,30 +219,39 @@ class SetCriterion(nn.Module):
             losses["loss_sal_align"] = self.saliency_alignment_loss(out, labels, mask)
 
         w_hard = self.hard_weight(epoch)
-        saliency = (
-            losses["loss_margin"]
-            + losses["loss_rank_contrastive"]
-            + losses.get("loss_neg_pair", 0.0)
-            + c.scsl_coef * losses["loss_ts"]
-            + c.tcl_coef * losses.get("loss_tc", 0.0)
-            + w_hard * (losses["loss_hard_pos"] + losses["loss_hard_neg"])
-        )
-        losses["loss_saliency"] = saliency
-        total = c.saliency_coef * saliency + c.al_coef * losses["loss_sym"]
-        if "loss_sal_align" in losses:
-            total = total + c.sal_align_coef * losses["loss_sal_align"]
-        for name, value in losses.items():
-            if name.startswith("loss_span_nce"):
-                total = total + c.span_nce_coef * value
-            elif name.startswith("loss_span"):
-                total = total + c.span_coef * value
-            elif name.startswith("loss_giou"):
-                total = total + c.giou_coef * value
-            elif name.startswith("loss_label"):
-                total = total + c.label_coef * value
+        inner = self.saliency_weights(w_hard)
+        losses["loss_saliency"] = sum(inner[k] * v for k, v in losses.items() if k in inner)
+        total = sum(self.weighted(losses, w_hard).values())
         losses["loss"] = total
         losses["hard_weight"] = torch.tensor(float(w_hard))
         return losses
+
+    def saliency_weights(self, w_hard: float) -> dict[str, float]:
+        """Each HD term's weight inside L_sal (the total weighs L_sal by saliency_coef)."""
+        c = self.cfg
+        return {"loss_margin": 1.0, "loss_rank_contrastive": 1.0, "loss_neg_pair": 1.0,
+                "loss_ts": c.scsl_coef, "loss_tc": c.tcl_coef,
+                "loss_hard_pos": w_hard, "loss_hard_neg": w_hard}
+
+    def weighted(self, losses: dict[str, torch.Tensor], w_hard: float) -> dict[str, torch.Tensor]:
+        """Each term times its coefficient in the total: the summands of `loss`, by name.
+
+        The one place that says what each coefficient multiplies, so that the total and a
+        per-term analysis (benchmarks.gradients) cannot disagree.
+        """
+        c = self.cfg
+        coefs = {k: c.saliency_coef * w for k, w in self.saliency_weights(w_hard).items()}
+        coefs.update(loss_sym=c.al_coef, loss_sal_align=c.sal_align_coef)
+        prefixes = (("loss_span_nce", c.span_nce_coef), ("loss_span", c.span_coef),
+                    ("loss_giou", c.giou_coef), ("loss_label", c.label_coef))
+        out = {}
+        for name, value in losses.items():
+            coef = coefs.get(name)
+            if coef is None:
+                coef = next((w for pre, w in prefixes if name.startswith(pre)), None)
+            if coef is not None:
+                out[name] = coef * value
+        return out
 
 
 def build_criterion(cfg: LossConfig) -> SetCriterion:
