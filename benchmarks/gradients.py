@@ -126,6 +126,8 @@ def run(probe: Probe, setup: Setup) -> dict[str, Any]:
                 model.train()
                 probes.append({"step": step, "epoch": epoch,
                                **term_gradients(model, criterion, fixed, epoch, probe.probe_seed)})
+                print(f"probed step {step}: |g| {probes[-1]['total_norm']}, within-video "
+                      f"std {probes[-1]['within_video_std']}", file=sys.stderr, flush=True)
             if step >= max(probe.at):
                 return {"variant": probe.variant, "seed": probe.seed, "probes": probes}
             train_step(model, criterion, batch, optimizer, epoch, grad_clip=cfg.train.grad_clip)
