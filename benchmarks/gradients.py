@@ -29,17 +29,13 @@ import math
 import sys
 import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from benchmarks.learning import VARIANTS, Setup, epoch_batches, load_split, make_data
-from vl.config import ExperimentConfig
+from benchmarks.learning import VARIANTS, Setup, epoch_batches, load_split, start_run
 from vl.data.batch import Batch
-from vl.engine import build_optimizer, forward, train_step
-from vl.losses import build_criterion
-from vl.model import build_model
+from vl.engine import forward, train_step
 
 
 @dataclass
@@ -110,14 +106,8 @@ def saliency_spread(s: torch.Tensor, batch: Batch) -> dict[str, float]:
 def run(probe: Probe, setup: Setup) -> dict[str, Any]:
     """Train the run up to the last probed step, probing at each listed step."""
     torch.set_num_threads(1)
-    overrides = [*setup.overrides(), f"train.seed={probe.seed}", *setup.extra,
-                 *VARIANTS[probe.variant]]
-    cfg = ExperimentConfig.from_preset(setup.preset, overrides)
-    train = load_split(make_data(Path(setup.data_root), probe.seed, setup.videos), "train")
-    torch.manual_seed(probe.seed)
-    model = build_model(cfg.model)
-    criterion = build_criterion(cfg.loss)
-    optimizer, scheduler = build_optimizer(model, cfg.train)
+    cfg, root, model, criterion, optimizer, scheduler = start_run(probe.variant, probe.seed, setup)
+    train = load_split(root, "train")
     fixed = epoch_batches(train, cfg, 0, cfg.data.batch_size, shuffle=True)[0]
     probes, step, epoch = [], 0, 0
     while True:

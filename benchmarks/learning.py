@@ -176,17 +176,23 @@ def epoch_batches(split, cfg: ExperimentConfig, epoch: int, batch_size: int, shu
     return [collate(samples[i:i + batch_size]) for i in range(0, len(samples), batch_size)]
 
 
-def run_one(variant: str, seed: int, setup: Setup) -> dict[str, Any]:
-    """Train one (variant, seed) in this process and score it; returns metrics and losses."""
-    torch.set_num_threads(1)
+def start_run(variant: str, seed: int, setup: Setup):
+    """(config, data root, model, criterion, optimizer, scheduler) of one (variant, seed)."""
     overrides = [*setup.overrides(), f"train.seed={seed}", *setup.extra, *VARIANTS[variant]]
     cfg = ExperimentConfig.from_preset(setup.preset, overrides)
     root = make_data(Path(setup.data_root), seed, setup.videos)
-    train, val = load_split(root, "train"), load_split(root, "val")
     torch.manual_seed(seed)
     model = build_model(cfg.model)
     criterion = build_criterion(cfg.loss)
     optimizer, scheduler = build_optimizer(model, cfg.train)
+    return cfg, root, model, criterion, optimizer, scheduler
+
+
+def run_one(variant: str, seed: int, setup: Setup) -> dict[str, Any]:
+    """Train one (variant, seed) in this process and score it; returns metrics and losses."""
+    torch.set_num_threads(1)
+    cfg, root, model, criterion, optimizer, scheduler = start_run(variant, seed, setup)
+    train, val = load_split(root, "train"), load_split(root, "val")
     start, history, best, evals = time.perf_counter(), [], None, []
     val_batches = epoch_batches(val, cfg, 0, 100, shuffle=False)
     for epoch in range(cfg.train.epochs):
